@@ -1,0 +1,64 @@
+"""From stored examples to the training set: aggregate, deduplicated, held-out refused, escalation
+turns oversampled to a configured share of all assistant turns."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from typing import Iterable
+
+from store.rows import ExampleRow
+
+Conversation = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    conversations: list[Conversation]  # what the trainer sees, oversampling and weights applied
+    n_unique: int
+    n_turns: int  # assistant turns in `conversations`
+    escalation_share: float  # escalation turns / assistant turns
+    data_hash: str
+
+
+def _assistant_actions(conversation: Conversation) -> list[str]:
+    actions = []
+    for m in conversation:
+        if m["role"] == "assistant":
+            try:
+                actions.append(json.loads(m["content"]).get("action", ""))
+            except (json.JSONDecodeError, AttributeError):
+                actions.append("")
+    return actions
+
+
+def build_dataset(examples: Iterable[ExampleRow], *, heldout: set[str], escalation_share: float = 0.3, seed: int = 0) -> TrainingSet:
+    """Every example once (by content), repeated by its weight, then whole escalation conversations
+    added round-robin until escalation turns reach `escalation_share` of all assistant turns."""
+    unique: dict[str, ExampleRow] = {}
+    for ex in examples:
+        if ex.company_id in heldout:
+            raise ValueError(f"example {ex.id} is from held-out company {ex.company_id}: held-out companies are never trained on")
+        unique.setdefault(ex.content_hash, ex)
+    rows = sorted(unique.values(), key=lambda e: e.content_hash)
+    conversations = [ex.messages for ex in rows for _ in range(max(1, round(ex.weight)))]
+    counts = [_assistant_actions(c) for c in conversations]
+    turns = sum(len(a) for a in counts)
+    escalations = sum(a.count("escalate") for a in counts)
+    pool = [c for c, a in zip(conversations, counts) if "escalate" in a]
+    random.Random(seed).shuffle(pool)
+    # Each copy moves the share toward the pool's own escalation share, so bound the copies for a
+    # target that pool can never reach.
+    i, max_copies = 0, 20 * len(conversations)
+    while pool and turns and escalations / turns < escalation_share and i < max_copies:
+        extra = pool[i % len(pool)]
+        actions = _assistant_actions(extra)
+        conversations.append(extra)
+        turns += len(actions)
+        escalations += actions.count("escalate")
+        i += 1
+    random.Random(seed).shuffle(conversations)
+    digest = hashlib.sha256("\n".join(sorted(unique)).encode()).hexdigest()[:16]
+    return TrainingSet(conversations, len(rows), turns, escalations / turns if turns else 0.0, digest)

@@ -1,0 +1,256 @@
+"""One round of apprentice: collect → correct → build dataset → train → evaluate → gate.
+
+    apprentice run --rounds 2          # runs this, twice, on the offline defaults
+
+Everything a round produces goes to the store as it happens. The student is any `Student` (a Ray
+pool of rollout actors in the daemon, an in-process `HFStudent` in loop/minimal.py); `train` is a
+function (a Ray task in the daemon). Newcomers: read loop/minimal.py first, then this.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from environments.episode import SupportEpisode
+from environments.pack import Pack, Ticket
+from loop.correct import Corrected, score_correct
+from loop.dataset import build_dataset
+from loop.evaluate import evaluate, run_episodes
+from loop.gate import gate
+from loop.metrics import report
+from loop.records import episode_rows, outcomes_of, record_eval, register_packs
+from loop.train import LoraSettings, TrainResult
+from policies.policy import StudentPolicy, TeacherPolicy
+from policies.protocol import render_messages
+from policies.student import Student
+from policies.teacher import Teacher, Usage
+from store import AdapterRow, CorrectionRow, DecisionRow, ExampleRow, Store
+
+TrainFn = Callable[[Path, list, Path, LoraSettings], TrainResult]
+
+
+@dataclass(frozen=True)
+class RoundSettings:
+    method: str = "score"  # "score" | "offline"
+    warm_start_tickets: int = 100
+    rollout_tickets: int = 60
+    max_repairs: int = 3
+    keep_clean: float = 0.5
+    escalation_share: float = 0.3
+    eval_tickets: int = 30
+    max_steps: int = 12
+    min_valid_json: float = 0.99
+    max_regression: float = 0.02
+    auto_approve: bool = False
+    seed: int = 0
+
+
+@dataclass
+class Runtime:
+    """What rounds share: the store, the packs, the student, the teacher and how to train."""
+
+    store: Store
+    packs: list[Pack]
+    student: Student
+    teacher: Teacher
+    train: TrainFn
+    model_dir: Path
+    base_model: str
+    adapters_dir: Path
+    settings: RoundSettings
+    lora: LoraSettings
+    progress: bool = True
+
+    @property
+    def train_packs(self) -> list[Pack]:
+        return [p for p in self.packs if p.company.split == "train"]
+
+    @property
+    def heldout_packs(self) -> list[Pack]:
+        return [p for p in self.packs if p.company.split == "heldout"]
+
+
+@dataclass
+class RoundSummary:
+    round: int
+    collector: str  # who collected: an adapter version, 'base', or the teacher (demonstrations)
+    examples_added: int = 0
+    teacher_usage: Usage = Usage()
+    repairs: int = 0
+    rejected_corrections: int = 0
+    train_loss: float | None = None
+    train_tokens_per_s: float | None = None
+    version: str | None = None
+    metrics: dict = field(default_factory=dict)  # held-out report, as JSON
+    gate: str = ""
+    gate_reason: str = ""
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def run_round(rt: Runtime, round_no: int) -> RoundSummary:
+    store, s = rt.store, rt.settings
+    register_packs(store, rt.packs)
+    ensure_base_evaluated(rt)
+    collector = collecting_adapter(store)
+    clock = time.perf_counter()
+    warm = s.method == "offline" or store.count("examples") == 0
+    summary = RoundSummary(round_no, f"teacher:{rt.teacher.name}" if warm else (collector or "base"))
+
+    # 1-2. collect and correct. The first round (and every round of the offline method) clones full
+    # teacher demonstrations; later SCoRe rounds roll the student out and repair its first errors.
+    n_tickets = s.warm_start_tickets if store.count("examples") == 0 else s.rollout_tickets
+    tickets = sample_tickets(rt.train_packs, n_tickets, seed=s.seed + round_no)
+    if warm:
+        summary.examples_added, summary.teacher_usage = collect_demonstrations(rt, tickets, round_no)
+    else:
+        rt.student.load_adapter(rt.adapters_dir / collector if collector else None)
+        summary.examples_added, summary.teacher_usage, summary.repairs, summary.rejected_corrections = collect_and_correct(rt, tickets, round_no, collector)
+    summary.seconds["collect"] = time.perf_counter() - clock
+
+    # 3. dataset: every accepted example of every round, held-out companies refused.
+    heldout = {p.id for p in rt.heldout_packs}
+    dataset = build_dataset(store.examples(exclude_companies=tuple(heldout)), heldout=heldout,
+                            escalation_share=s.escalation_share, seed=s.seed + round_no)
+
+    # 4. train a fresh adapter version on it.
+    clock = time.perf_counter()
+    version = store.next_adapter_version()
+    path = rt.adapters_dir / version
+    store.add_adapter(AdapterRow(version=version, parent=collector, path=str(path), base_model=rt.base_model, status="training",
+                                 data_hash=dataset.data_hash, config={**asdict(rt.lora), "round": round_no, "method": s.method,
+                                 "examples": dataset.n_unique, "conversations": len(dataset.conversations),
+                                 "escalation_share": round(dataset.escalation_share, 4)}))
+    store.log_event("training_started", version=version, round=round_no, examples=dataset.n_unique)
+    try:
+        result = rt.train(rt.model_dir, dataset.conversations, path, rt.lora)
+    except BaseException:
+        store.set_adapter_status(version, "failed")
+        raise
+    store.set_adapter_status(version, "candidate", train_metrics=asdict(result))
+    summary.version, summary.train_loss, summary.train_tokens_per_s = version, result.train_loss, result.tokens_per_s
+    summary.seconds["train"] = time.perf_counter() - clock
+
+    # 5. evaluate on the held-out companies' fixed tickets, every ticket stored against the version.
+    clock = time.perf_counter()
+    rt.student.load_adapter(path)
+    results = evaluate(StudentPolicy(rt.student), rt.heldout_packs, limit=s.eval_tickets, max_steps=s.max_steps, progress=rt.progress)
+    record_eval(store, "student", rt.heldout_packs, results, adapter_version=version, round=round_no)
+    summary.seconds["evaluate"] = time.perf_counter() - clock
+
+    # 6. gate: paired against the promoted adapter (or the base model) on the same tickets.
+    baseline = store.promoted_version() or "base"
+    verdict = gate(outcomes_of(store.evaluations(version)), outcomes_of(store.evaluations(baseline)),
+                   min_valid_json=s.min_valid_json, max_regression=s.max_regression, seed=s.seed)
+    metrics = report(outcomes_of(store.evaluations(version)), seed=s.seed).as_json()
+    metrics["delta_vs"] = baseline
+    metrics["delta_calibration_j"] = [verdict.comparison.delta["calibration_j"].value, verdict.comparison.delta["calibration_j"].low,
+                                      verdict.comparison.delta["calibration_j"].high]
+    status = ("promoted" if s.auto_approve else "awaiting_approval") if verdict.passed else "rejected_by_gate"
+    store.set_adapter_status(version, "awaiting_approval" if verdict.passed else "rejected_by_gate", metrics=metrics, gate_reason=verdict.reason)
+    store.add_decision(DecisionRow(adapter_version=version, action="gate", by="gate", note=f"{status} vs {baseline}: {verdict.reason}"))
+    if verdict.passed and s.auto_approve:
+        store.set_promoted(version, by="auto-approve", note=verdict.reason)
+    store.log_event("gate", version=version, outcome=status, reason=verdict.reason)
+    summary.metrics, summary.gate, summary.gate_reason = metrics, status, verdict.reason
+    return summary
+
+
+# --- the steps --------------------------------------------------------------------------------
+
+
+def collecting_adapter(store: Store) -> str | None:
+    """The adapter that collects: the promoted one, else the newest that passed the gate (simulated
+    customers are safe to serve with an unapproved adapter), else None for the base model."""
+    promoted = store.promoted_version()
+    if promoted:
+        return promoted
+    waiting = store.adapters(status="awaiting_approval")
+    return waiting[-1].version if waiting else None
+
+
+def sample_tickets(packs: list[Pack], n: int, *, seed: int) -> list[tuple[Pack, Ticket]]:
+    pool = [(p, t) for p in packs for t in p.tickets]
+    return random.Random(seed).sample(pool, min(n, len(pool)))
+
+
+def ensure_base_evaluated(rt: Runtime) -> None:
+    """The base model's held-out results, once: the first gate compares against them."""
+    if rt.store.evaluations("base"):
+        return
+    rt.student.load_adapter(None)
+    results = evaluate(StudentPolicy(rt.student), rt.heldout_packs, limit=rt.settings.eval_tickets,
+                       max_steps=rt.settings.max_steps, progress=rt.progress)
+    record_eval(rt.store, "student", rt.heldout_packs, results, adapter_version=None)
+
+
+def training_messages(episode: SupportEpisode) -> list[dict[str, str]]:
+    """The episode as a chat conversation that ends on the agent's last step."""
+    messages = render_messages(episode.pack.company, episode.transcript)
+    while messages and messages[-1]["role"] != "assistant":
+        messages.pop()
+    return messages
+
+
+def _has_escalation(episode: SupportEpisode) -> bool:
+    return any(s.action is not None and s.action.action == "escalate" for s in episode.steps)
+
+
+def collect_demonstrations(rt: Runtime, tickets: list[tuple[Pack, Ticket]], round_no: int) -> tuple[int, Usage]:
+    """Behaviour cloning data: the teacher plays every step, seeing the ticket's truth."""
+    policy = TeacherPolicy(rt.teacher, privileged=True)
+    episodes = run_episodes(policy, tickets, max_steps=rt.settings.max_steps, progress=rt.progress)
+    added = 0
+    with rt.store.transaction():
+        for e in episodes:
+            episode_id = rt.store.add_episode(*episode_rows(e.result(), run_kind="demonstration", policy=policy.name, round=round_no,
+                                                            teacher_steps=set(range(len(e.steps)))))
+            if e.result().resolved:
+                added += rt.store.add_examples([ExampleRow(source="demonstration", company_id=e.pack.id, ticket_id=e.ticket.id,
+                                                           episode_id=episode_id, messages=training_messages(e),
+                                                           has_escalation=_has_escalation(e), round=round_no)])
+    return added, policy.usage
+
+
+def collect_and_correct(rt: Runtime, tickets: list[tuple[Pack, Ticket]], round_no: int, collector: str | None) -> tuple[int, Usage, int, int]:
+    """Roll the student out, SCoRe-correct every trajectory, store everything, keep the verified."""
+    s = rt.settings
+    student = StudentPolicy(rt.student)
+    rollouts = run_episodes(student, tickets, max_steps=s.max_steps, progress=rt.progress)
+    corrected = score_correct(student, rt.teacher, rollouts, max_repairs=s.max_repairs, keep_clean=s.keep_clean,
+                              rng=random.Random(s.seed + round_no))
+    added, usage, repairs, rejected = 0, Usage(), 0, 0
+    for item in corrected:
+        added += store_corrected(rt.store, rt.teacher.name, item, round_no, collector)
+        usage += item.usage
+        repairs += len(item.repairs)
+        rejected += sum(not r.verified for r in item.repairs)
+    return added, usage, repairs, rejected
+
+
+def store_corrected(store: Store, teacher: str, item: Corrected, round_no: int, collector: str | None) -> int:
+    """One rollout, its corrections, and (when kept) the corrected trajectory and its example: one transaction."""
+    with store.transaction():
+        rollout_id = store.add_episode(*episode_rows(item.original.result(), run_kind="rollout", policy="student",
+                                                     adapter_version=collector, round=round_no))
+        for r in item.repairs:
+            store.add_correction(CorrectionRow(
+                episode_id=rollout_id, step_idx=r.step_idx, student_raw=r.student_raw,
+                student_action=r.student_action.model_dump() if r.student_action else None, teacher=teacher,
+                teacher_action=r.teacher_action.model_dump(), rationale=r.rationale, verified=r.verified,
+                status="accepted" if r.verified else "rejected", prompt_tokens=r.usage.prompt_tokens,
+                completion_tokens=r.usage.completion_tokens, cost_usd=r.usage.cost_usd, round=round_no,
+            ))
+        if not item.kept:
+            return 0
+        final = item.current
+        episode_id = rollout_id
+        if item.repairs:
+            episode_id = store.add_episode(*episode_rows(final.result(), run_kind="correction", policy="student+teacher",
+                                                         adapter_version=collector, round=round_no, teacher_steps=item.teacher_steps))
+        return store.add_examples([ExampleRow(source="simulation", company_id=final.pack.id, ticket_id=final.ticket.id,
+                                              episode_id=episode_id, messages=training_messages(final),
+                                              has_escalation=_has_escalation(final), round=round_no)])

@@ -1,0 +1,110 @@
+"""Ray worker groups: a pool of rollout actors that together act as one `Student`, and training as a
+Ray task that asks for a GPU when the cluster has one. The driver stays a single controller; the
+same code runs on a laptop's local Ray and on a cluster (`ray_address`)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from loop.train import PROBE_FILE, PROBE_TEXTS, LoraSettings, TrainResult, train_adapter
+from policies.student import Message
+
+PROBE_TOLERANCE = 0.05  # mean log-prob per token; a stale adapter is off by far more
+
+
+class AdapterSwapError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class StudentOptions:
+    """What `HFStudent` takes, as plain values that travel to the actors."""
+
+    load_in_4bit: bool = False
+    batch_size: int = 8
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    seed: int = 0
+
+
+def start_ray(address: str = "") -> None:
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True)
+
+
+def _threads(threads: int) -> int:
+    return threads or os.cpu_count() or 1
+
+
+@ray.remote(num_cpus=0)  # rollouts and training take turns, so an idle actor must not hold a core
+class RolloutWorker:
+    def __init__(self, model_dir: str, options: StudentOptions, threads: int):
+        import torch
+
+        from policies.hf import HFStudent
+
+        torch.set_num_threads(threads)  # Ray sets OMP threads to 1 for a 0-CPU actor
+        self.student = HFStudent(Path(model_dir), load_in_4bit=options.load_in_4bit, batch_size=options.batch_size,
+                                 max_new_tokens=options.max_new_tokens, temperature=options.temperature, seed=options.seed)
+
+    def act(self, prompts: list[list[Message]]) -> list[str]:
+        return self.student.act(prompts)
+
+    def load_adapter(self, path: str | None) -> list[float]:
+        self.student.load_adapter(path)
+        return self.student.probe_logprobs(list(PROBE_TEXTS))
+
+
+class RayStudentPool:
+    """A `Student` made of `n` rollout actors: each `act` call is split across them."""
+
+    def __init__(self, model_dir: Path, options: StudentOptions, *, n: int = 1, threads: int = 0):
+        gpu = 1 if ray.cluster_resources().get("GPU", 0) >= n else 0
+        self._workers = [RolloutWorker.options(num_gpus=gpu).remote(str(model_dir), options, _threads(threads)) for _ in range(n)]
+        self.adapter_id: str | None = None
+
+    def act(self, prompts: list[list[Message]]) -> list[str]:
+        if not prompts:
+            return []
+        size = -(-len(prompts) // len(self._workers))
+        futures = [w.act.remote(prompts[i : i + size]) for w, i in zip(self._workers, range(0, len(prompts), size))]
+        return [text for chunk in ray.get(futures) for text in chunk]
+
+    def load_adapter(self, path: str | Path | None) -> None:
+        """Swap every actor to the adapter at `path` (None: the base) and verify the swap took: each
+        actor's probe log-probs must match what the trainer saved beside the adapter."""
+        values = ray.get([w.load_adapter.remote(str(path) if path else None) for w in self._workers])
+        if path is not None:
+            expected = json.loads((Path(path) / PROBE_FILE).read_text())["logprobs"]
+            for got in values:
+                if max(abs(a - b) for a, b in zip(got, expected)) > PROBE_TOLERANCE:
+                    raise AdapterSwapError(f"adapter {path} is not live on a rollout worker: probe {got} != trainer's {expected}")
+        self.adapter_id = Path(path).name if path else None
+
+    def shutdown(self) -> None:
+        for w in self._workers:
+            ray.kill(w)
+        self._workers = []
+
+
+def train_on_ray(model_dir: Path, conversations: list[Any], out_dir: Path, settings: LoraSettings, *, threads: int = 0) -> TrainResult:
+    """`train_adapter` as a Ray task, on a GPU when the cluster has one."""
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+
+    @ray.remote(num_cpus=1, num_gpus=gpus)
+    def _train(model_dir: str, conversations: list[Any], out_dir: str, settings: LoraSettings, threads: int) -> TrainResult:
+        import torch
+
+        torch.set_num_threads(threads)
+        return train_adapter(Path(model_dir), conversations, Path(out_dir), settings, progress=True)
+
+    return ray.get(_train.remote(str(model_dir), conversations, str(out_dir), settings, _threads(threads)))

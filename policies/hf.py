@@ -1,0 +1,257 @@
+"""The default student backend: transformers + PEFT, on CPU or GPU.
+
+    student = HFStudent(resolve_model("smollm2-135m"))
+    student.act([[{"role": "user", "content": "Where is my order?"}]])
+    student.load_adapter("adapters/v3")   # a LoRA/QLoRA adapter saved by PEFT; None = back to the base
+
+Prompts are rendered with the tokenizer's chat template and generated in left-padded batches
+(KV cache on, as `generate` does by default). Greedy decoding when temperature is 0.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+
+from policies.student import Generation, Message
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class HFStudent:
+    """A `Student` on a Hugging Face causal LM, with at most one PEFT adapter live at a time."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        adapter: Path | None = None,
+        load_in_4bit: bool = False,
+        dtype: str = "auto",
+        device: str | None = None,
+        batch_size: int = 8,
+        max_new_tokens: int = 160,
+        temperature: float = 0.0,
+        seed: int = 0,
+        json_mode: bool = False,
+    ):
+        """Load the base model from `model_dir` (see `policies.models.resolve_model`).
+
+        load_in_4bit: NF4-quantize the base with bitsandbytes (QLoRA's base; also runs on CPU).
+        dtype: "auto" is float32 on CPU and bfloat16 on CUDA; else one of `DTYPES`.
+        device: "cuda" when available, else "cpu".
+        temperature: 0 decodes greedily; above 0 samples, from a stream seeded once by `seed`.
+        json_mode: force each completion to start with '{' and stop where that object's braces
+            close. This constrains the shape only, not the action schema: outputs are still
+            validated (and can still be invalid, e.g. cut off by max_new_tokens).
+        """
+        if dtype != "auto" and dtype not in DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, not {dtype!r}")
+        if batch_size < 1 or max_new_tokens < 1 or temperature < 0:
+            raise ValueError("batch_size and max_new_tokens must be >= 1 and temperature >= 0")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dtype == "auto":
+            torch_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        else:
+            torch_dtype = DTYPES[dtype]
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.json_mode = json_mode
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer.padding_side = "left"  # generation continues from the right end of every row
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        quantization = None
+        if load_in_4bit:
+            quantization = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch_dtype
+            )
+        # `model` is what generates: the base itself, or a PeftModel wrapping it.
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch_dtype, quantization_config=quantization, device_map={"": self.device}
+        ).eval()
+        # bitsandbytes 0.50 repacks 4-bit weights for its AVX512 CPU kernel on the first forward, and its
+        # state_dict() (which PEFT calls to load an adapter) unpacks them wrongly (absmax layout), silently
+        # corrupting the base. So on CPU every swap starts from a copy taken before any forward.
+        self._untouched_base = copy.deepcopy(self.model) if load_in_4bit and self.device.type == "cpu" else None
+        self.adapter_id: str | None = None
+        self._brace_token_ids: torch.Tensor | None = None  # built on first json_mode use
+        torch.manual_seed(seed)
+        if adapter is not None:
+            self.load_adapter(adapter)
+
+    # -- the Student protocol ------------------------------------------------------------------
+
+    def act(self, prompts: list[list[Message]]) -> list[str]:
+        return [generation.text for generation in self.generate_with_info(prompts)]
+
+    def load_adapter(self, path: str | Path | None) -> None:
+        """Make the adapter saved at `path` the only one live; None restores the base model.
+
+        The previous adapter is removed first (`PeftModel.unload` puts the original base modules
+        back; a 4-bit base on CPU is copied afresh, see `__init__`), so adapters never pile up in a
+        long-running process and the base stays untouched.
+        """
+        if self._untouched_base is not None:
+            base = copy.deepcopy(self._untouched_base)
+        elif isinstance(self.model, PeftModel):
+            base = self.model.unload()
+        else:
+            base = self.model
+        self.model, self.adapter_id = base, None
+        if path is not None:
+            path = Path(path)
+            self.model = PeftModel.from_pretrained(base, path, is_trainable=False).eval()
+            self.adapter_id = path.name
+
+    # -- extras ----------------------------------------------------------------------------------
+
+    def generate_with_info(self, prompts: list[list[Message]]) -> list[Generation]:
+        """Like `act`, with the adapter that answered and token counts for each prompt."""
+        prompt_ids = [self._render(messages) for messages in prompts]
+        # Batch prompts of similar length together to waste less compute on padding.
+        order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]))
+        results: list[Generation | None] = [None] * len(prompts)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            for i, generation in zip(chunk, self._generate([prompt_ids[i] for i in chunk])):
+                results[i] = generation
+        return results
+
+    def count_tokens(self, messages: list[Message]) -> int:
+        """Prompt length in tokens, as `act` would feed it (chat template + generation prompt)."""
+        return len(self._render(messages))
+
+    def probe_logprobs(self, texts: list[str]) -> list[float]:
+        """Mean log-prob per token of each fixed text under the live model; a swap that took changes it."""
+        return mean_logprobs(self.model, self.tokenizer, texts, self.device)
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _render(self, messages: list[Message]) -> list[int]:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+
+    @torch.inference_mode()
+    def _generate(self, prompt_ids: list[list[int]]) -> list[Generation]:
+        batch = self.tokenizer.pad({"input_ids": prompt_ids}, return_tensors="pt").to(self.device)
+        prompt_len = batch["input_ids"].shape[1]
+        sampling = {"do_sample": True, "temperature": self.temperature} if self.temperature > 0 else {"do_sample": False}
+        constraints = {}
+        if self.json_mode:
+            constraints = {
+                "logits_processor": LogitsProcessorList([_StartWithBrace(self._brace_ids(), prompt_len)]),
+                "stopping_criteria": StoppingCriteriaList([_StopAfterJsonObject(self.tokenizer, prompt_len)]),
+            }
+        out_B_T = self.model.generate(
+            **batch,
+            max_new_tokens=self.max_new_tokens,
+            pad_token_id=self.tokenizer.pad_token_id,
+            **sampling,
+            **constraints,
+        )
+        adapter_id = self.adapter_id
+        end_ids = _end_token_ids(self.model.generation_config.eos_token_id) | {self.tokenizer.pad_token_id}
+        generations = []
+        for ids, new_ids in zip(prompt_ids, out_B_T[:, prompt_len:].tolist()):
+            # A finished row is filled with padding, which may be the same id as end-of-turn: count neither.
+            new_ids = new_ids[: next((i for i, t in enumerate(new_ids) if t in end_ids), len(new_ids))]
+            text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
+            if self.json_mode:
+                text = text[: json_object_end(text) or len(text)]
+            generations.append(Generation(text, adapter_id, len(ids), len(new_ids)))
+        return generations
+
+    def _brace_ids(self) -> torch.Tensor:
+        if self._brace_token_ids is None:
+            pieces = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
+            ids = [i for i, piece in enumerate(pieces) if piece.startswith("{")]
+            self._brace_token_ids = torch.tensor(ids, device=self.device)
+        return self._brace_token_ids
+
+
+@torch.inference_mode()
+def mean_logprobs(model, tokenizer, texts: list[str], device: torch.device | str) -> list[float]:
+    """Mean log-prob of each text's tokens after the first, one forward pass per text.
+
+    Shared by the student (after a swap) and anyone who must reproduce its numbers (the trainer).
+    """
+    means = []
+    for text in texts:
+        ids_T = tokenizer(text, return_tensors="pt")["input_ids"][0].to(device)
+        if len(ids_T) < 2:
+            raise ValueError(f"probe text {text!r} must be at least 2 tokens long")
+        logits_TV = model(input_ids=ids_T[None]).logits[0, :-1].float()
+        logprobs_T = torch.log_softmax(logits_TV, dim=-1).gather(-1, ids_T[1:, None])[:, 0]
+        means.append(logprobs_T.mean().item())
+    return means
+
+
+def json_object_end(text: str) -> int | None:
+    """Index just past the '}' that closes the JSON object opened by text[0], or None while it is open.
+
+    Braces inside JSON strings (with backslash escapes) do not count.
+    """
+    depth, in_string, escaped = 0, False, False
+    for i, char in enumerate(text):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return None
+
+
+class _StartWithBrace(LogitsProcessor):
+    """At the first generated position allow only tokens whose text starts with '{'."""
+
+    def __init__(self, allowed_ids: torch.Tensor, prompt_len: int):
+        self.allowed_ids = allowed_ids
+        self.prompt_len = prompt_len
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[1] > self.prompt_len:
+            return scores
+        masked = torch.full_like(scores, float("-inf"))
+        masked[:, self.allowed_ids] = scores[:, self.allowed_ids]
+        return masked
+
+
+class _StopAfterJsonObject(StoppingCriteria):
+    """Stop a row once its completion holds one whole JSON object (the text after it is cut off later)."""
+
+    def __init__(self, tokenizer, prompt_len: int):
+        self.tokenizer = tokenizer
+        self.prompt_len = prompt_len
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len :], skip_special_tokens=True)
+        return torch.tensor([json_object_end(text) is not None for text in texts], device=input_ids.device)
+
+
+def _end_token_ids(eos_token_id: int | list[int] | None) -> set[int]:
+    if eos_token_id is None:
+        return set()
+    return {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)

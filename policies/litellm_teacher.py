@@ -1,0 +1,250 @@
+"""A teacher behind any model litellm reaches: a hosted API (`openai/gpt-4o-mini`) or your own
+vLLM server (`hosted_vllm/Qwen/Qwen3-32B` with `api_base`).
+
+    teacher = LiteLLMTeacher("hosted_vllm/Qwen/Qwen3-32B", api_base="http://gpu:8000/v1", budget_usd=5)
+    judgement = teacher.judge(Trajectory.of(episode), TeacherContext(pack, ticket))
+
+Every answer is ONE JSON object validated with the environment's own `Action` model. Transport
+errors, HTTP 429/5xx and invalid answers are retried with exponential backoff (at most
+`max_retries` times); other HTTP errors (400, 401, 404, ...) are raised at once as `TeacherError`.
+Tokens and cost (`litellm.completion_cost`, 0 when the model's price is unknown) are summed per
+answer and in `spent`; `budget_usd` and `max_calls` cap them and raise `BudgetExceeded` before any
+request that would go past them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import threading
+import time
+from typing import Callable, TypeVar
+
+# Without this, `import litellm` downloads a price table (3 tries, seconds lost offline).
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+import litellm  # noqa: E402 (after the environment variable above)
+import openai  # noqa: E402 (litellm's exceptions subclass the OpenAI SDK's)
+from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationError  # noqa: E402
+
+from environments.actions import Action  # noqa: E402
+from environments.episode import Entry  # noqa: E402
+from environments.pack import Ticket  # noqa: E402
+from policies.protocol import ACTION_CONTRACT, parse_action, system_prompt  # noqa: E402
+from policies.teacher import Demonstration, Judgement, TeacherContext, Trajectory, Usage  # noqa: E402
+
+# Otherwise litellm prints a "Give Feedback / Get Help" banner on stdout for every failed call,
+# including the ones we retry on purpose.
+litellm.suppress_debug_info = True
+
+# Worth another try: the server or the network may be fine a moment later. Connection refused
+# arrives as InternalServerError, a 504 as Timeout.
+_TRANSIENT = (
+    litellm.Timeout,
+    litellm.APIConnectionError,
+    litellm.RateLimitError,
+    litellm.InternalServerError,
+    litellm.ServiceUnavailableError,
+    litellm.BadGatewayError,
+)
+_JITTER = 0.25  # each backoff is stretched by up to 25%, so parallel callers do not retry in step
+
+T = TypeVar("T")
+
+
+class BudgetExceeded(RuntimeError):
+    """The teacher reached its `budget_usd` or `max_calls` cap; no request was sent."""
+
+
+class TeacherError(RuntimeError):
+    """The teacher gave no valid answer: a non-retryable HTTP error, or every attempt failed."""
+
+    def __init__(self, message: str, usage: Usage):
+        super().__init__(message)
+        self.usage = usage  # what the failed attempts cost (also counted in the teacher's `spent`)
+
+
+class _JudgeAnswer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    first_error: StrictInt | None
+    replacement: Action | None
+    rationale: StrictStr
+
+
+class LiteLLMTeacher:
+    def __init__(
+        self,
+        model: str,
+        api_base: str | None = None,
+        api_key: str | None = None,
+        timeout_s: float = 60,
+        max_retries: int = 3,
+        backoff_s: float = 1.0,
+        max_concurrency: int = 4,
+        budget_usd: float | None = None,
+        max_calls: int | None = None,
+        temperature: float = 0.0,
+        seed: int | None = None,
+    ):
+        if timeout_s <= 0 or backoff_s < 0 or not 0 <= max_retries <= 10 or max_concurrency < 1:
+            raise ValueError("need timeout_s > 0, backoff_s >= 0, 0 <= max_retries <= 10 and max_concurrency >= 1")
+        if (budget_usd is not None and budget_usd < 0) or (max_calls is not None and max_calls < 0):
+            raise ValueError("budget_usd and max_calls must be >= 0 (or None for no cap)")
+        self.name = model
+        self.model, self.api_base, self.api_key = model, api_base, api_key
+        self.timeout_s, self.max_retries, self.backoff_s, self.temperature = timeout_s, max_retries, backoff_s, temperature
+        self.budget_usd, self.max_calls = budget_usd, max_calls
+        self.spent = Usage()  # every request made so far; tokens and cost of those answered
+        self._slots = threading.Semaphore(max_concurrency)
+        self._lock = threading.Lock()  # guards `spent` and the jitter generator
+        self._rng = random.Random(seed)
+
+    # --- the Teacher protocol ------------------------------------------------------------------
+
+    def judge(self, trajectory: Trajectory, context: TeacherContext) -> Judgement:
+        system = (
+            f"You review the steps of a support agent of {context.pack.company.name}.\n"
+            f"Company policy:\n{context.pack.company.policy.strip()}\n\n"
+            f'The agent was told:\n"""\n{ACTION_CONTRACT}\n"""'
+        )
+        user = (
+            f"{_situation(context.ticket, trajectory.transcript)}\n\n"
+            "Find the FIRST agent step that is wrong: against the policy, not a valid action, asking for a "
+            "detail that is not missing, answering without a needed detail or fact, or escalating when it "
+            "should not or with the wrong reason. Later steps do not matter.\n"
+            "Answer with ONE JSON object and nothing else:\n"
+            '{"first_error": <step number, or null when every step is right>, '
+            '"replacement": <the ONE agent action to take instead, in the format the agent was told, or null>, '
+            '"rationale": "<one sentence>"}'
+        )
+        n_steps = len(trajectory.actions)
+        answer, usage = self._ask([{"role": "system", "content": system}, {"role": "user", "content": user}],
+                                  lambda text: _parse_judgement(text, n_steps))
+        return Judgement(answer.first_error, answer.replacement, answer.rationale, usage)
+
+    def demonstrate(self, prefix: Trajectory, context: TeacherContext) -> Demonstration:
+        user = f"{_situation(context.ticket, prefix.transcript)}\n\nWrite the agent's next step."
+        messages = [{"role": "system", "content": system_prompt(context.pack.company)}, {"role": "user", "content": user}]
+        action, usage = self._ask(messages, _parse_step)
+        return Demonstration(action, usage)
+
+    # --- one answer: budget, concurrency, retries, accounting ----------------------------------
+
+    def _ask(self, messages: list[dict[str, str]], parse: Callable[[str], tuple[T | None, str | None]]) -> tuple[T, Usage]:
+        """The first valid answer to `messages`, and the usage of every attempt it took."""
+        usage, prompt, error = Usage(), messages, ""
+        for attempt in range(1 + self.max_retries):
+            if attempt:
+                time.sleep(self._backoff(attempt))
+            with self._slots:
+                self._reserve_call()
+                usage += Usage(calls=1)
+                try:
+                    response = litellm.completion(
+                        model=self.model, messages=prompt, api_base=self.api_base, api_key=self.api_key,
+                        timeout=self.timeout_s, temperature=self.temperature,
+                        num_retries=0, max_retries=0,  # we retry ourselves; the OpenAI SDK would retry twice more
+                    )
+                except openai.OpenAIError as e:
+                    if not _transient(e):
+                        raise TeacherError(f"teacher {self.model} at {self.api_base or 'its default endpoint'}: {e} (not retried)", usage) from e
+                    error = f"{type(e).__name__}: {e}"
+                    continue
+            tokens = _usage_of(response)
+            usage += tokens
+            with self._lock:
+                self.spent += tokens
+            text = response.choices[0].message.content or ""
+            value, invalid = parse(text)
+            if invalid is None:
+                return value, usage  # type: ignore[return-value]
+            error = f"invalid answer: {invalid}"
+            # Show the model its own mistake once (not every earlier one: the prompt stays short).
+            prompt = [*messages, {"role": "assistant", "content": text},
+                      {"role": "user", "content": f"That answer is invalid ({invalid}). Answer again with ONE valid JSON object and nothing else."}]
+        raise TeacherError(f"teacher {self.model} gave no valid answer in {1 + self.max_retries} attempts; last error: {error}", usage)
+
+    def _reserve_call(self) -> None:
+        """Count one request against the caps, or raise before it is sent. The cost cap is soft
+        under concurrency: calls already in flight may still add their cost."""
+        with self._lock:
+            if self.budget_usd is not None and self.spent.cost_usd >= self.budget_usd:
+                raise BudgetExceeded(f"teacher {self.model} has spent ${self.spent.cost_usd:.4f}, reaching its cap "
+                                     f"budget_usd={self.budget_usd}; raise budget_usd to continue")
+            if self.max_calls is not None and self.spent.calls >= self.max_calls:
+                raise BudgetExceeded(f"teacher {self.model} has made {self.spent.calls} calls, reaching its cap "
+                                     f"max_calls={self.max_calls}; raise max_calls to continue")
+            self.spent += Usage(calls=1)
+
+    def _backoff(self, attempt: int) -> float:
+        with self._lock:
+            jitter = self._rng.random()
+        return self.backoff_s * 2 ** (attempt - 1) * (1 + _JITTER * jitter)
+
+
+# --- prompts and parsing ------------------------------------------------------------------------
+
+
+def _situation(ticket: Ticket | None, transcript: tuple[Entry, ...]) -> str:
+    """The hidden truth (in simulation) and the transcript with numbered agent steps."""
+    lines = []
+    if ticket is not None:
+        lines.append("Hidden truth of each customer turn (privileged: the student agent never sees it): resolution = how the turn must "
+                     "end; needs = details to ask for first; facts = what a correct reply must contain.")
+        for i, truth in enumerate(ticket.turns):
+            lines.append(f"- turn {i}: {json.dumps(truth.model_dump(exclude={'followups'}, exclude_defaults=True))}")
+        lines.append("")
+    lines.append("Transcript (tool lines are the KB results the agent saw):")
+    step = 0
+    for entry in transcript:
+        if entry.role == "agent":
+            lines.append(f"[step {step}] agent: {entry.content}")
+            step += 1
+        else:
+            lines.append(f"{entry.role}: {entry.content}")
+    return "\n".join(lines)
+
+
+def _parse_judgement(text: str, n_steps: int) -> tuple[_JudgeAnswer | None, str | None]:
+    """The first JSON object in `text` as a judgement of a trajectory of `n_steps` steps."""
+    start = text.find("{")
+    if start < 0:
+        return None, "no JSON object in the output"
+    try:
+        obj, _ = json.JSONDecoder().raw_decode(text, start)
+    except json.JSONDecodeError as e:
+        return None, f"malformed JSON: {e.msg}"
+    try:
+        answer = _JudgeAnswer.model_validate(obj)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        return None, f"schema: {where + ': ' if where else ''}{first['msg'].removeprefix('Value error, ')}"
+    if answer.first_error is None:
+        if answer.replacement is not None:
+            return None, "replacement must be null when first_error is null"
+    elif not 0 <= answer.first_error < n_steps:
+        steps = f"0 to {n_steps - 1}" if n_steps else "there are no steps, so it must be null"
+        return None, f"first_error {answer.first_error} is not a step number ({steps})"
+    elif answer.replacement is None:
+        return None, "replacement is required when first_error is a step number"
+    return answer, None
+
+
+def _parse_step(text: str) -> tuple[Action | None, str | None]:
+    parsed = parse_action(text)
+    return parsed.action, parsed.error
+
+
+def _transient(error: Exception) -> bool:
+    return isinstance(error, _TRANSIENT) or (isinstance(error, litellm.APIError) and error.status_code >= 500)
+
+
+def _usage_of(response: litellm.ModelResponse) -> Usage:
+    try:
+        cost = float(litellm.completion_cost(completion_response=response))
+    except Exception:  # litellm raises for models without a known price (a self-hosted one, say)
+        cost = 0.0
+    return Usage(0, response.usage.prompt_tokens, response.usage.completion_tokens, cost)

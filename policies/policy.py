@@ -1,0 +1,121 @@
+"""Policies: the student behind the action protocol, and the reference policies (the oracle, two
+constant policies and a keyword rule).
+
+A `Policy` maps a batch of live episodes to one raw text each (what a model would have written);
+the evaluation parses that text like any student output. Only the oracle reads the hidden truth.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Protocol, Sequence
+
+from environments.actions import Action
+from environments.episode import SupportEpisode
+from policies.protocol import render_messages
+from policies.student import Student
+from policies.teacher import Teacher, TeacherContext, Trajectory, Usage
+
+
+class Policy(Protocol):
+    name: str
+
+    def act(self, episodes: Sequence[SupportEpisode]) -> list[str]: ...
+
+
+class StudentPolicy:
+    """A student model: sees only the company (policy) and the public transcript."""
+
+    def __init__(self, student: Student, name: str = "student"):
+        self.student, self.name = student, name
+
+    def act(self, episodes: Sequence[SupportEpisode]) -> list[str]:
+        return self.student.act([render_messages(e.pack.company, e.transcript) for e in episodes])
+
+
+class TeacherPolicy:
+    """A teacher acting as the agent, one `demonstrate` call per step. Privileged (the warm start's
+    demonstrations), it sees each ticket's hidden truth; otherwise only what a student sees."""
+
+    def __init__(self, teacher: Teacher, *, privileged: bool):
+        self.teacher, self.privileged = teacher, privileged
+        self.name = f"teacher:{teacher.name}"
+        self.usage = Usage()
+
+    def act(self, episodes: Sequence[SupportEpisode]) -> list[str]:
+        out = []
+        for e in episodes:
+            context = TeacherContext(e.pack, e.ticket if self.privileged else None)
+            demo = self.teacher.demonstrate(Trajectory.of(e), context)
+            self.usage += demo.usage
+            out.append(demo.action.to_json())
+        return out
+
+
+class OraclePolicy:
+    """The environment's own reference policy (reads the ticket's truth)."""
+
+    name = "oracle"
+
+    def act(self, episodes: Sequence[SupportEpisode]) -> list[str]:
+        return [e.reference_action().to_json() for e in episodes]
+
+
+class AlwaysEscalate:
+    name = "always-escalate"
+
+    def act(self, episodes: Sequence[SupportEpisode]) -> list[str]:
+        action = Action(action="escalate", args={"reason": "not_covered_by_kb"}, message="Let me pass you to a colleague.")
+        return [action.to_json() for _ in episodes]
+
+
+class AlwaysReply:
+    name = "always-reply"
+
+    def act(self, episodes: Sequence[SupportEpisode]) -> list[str]:
+        action = Action(action="reply", message="Thanks for reaching out! Please check our help centre for the details.")
+        return [action.to_json() for _ in episodes]
+
+
+# Surface words a naive triage rule would escalate on, checked in this order.
+KEYWORDS: tuple[tuple[str, str], ...] = (
+    ("security_sensitive", r"hack|stolen|fraud|unauthori[sz]ed|didn'?t log in|someone (else )?(logged|accessed)"),
+    ("legal_compliance", r"gdpr|lawyer|legal|sue|regulator|ombudsman|delete (all )?my data"),
+    ("likely_bug", r"crash|bug|error|broken|not working|doesn'?t work"),
+    ("enterprise_sales", r"seats|licen[cs]es|enterprise|whole team|company-wide"),
+    ("churn_risk", r"cancel|leaving|competitor|switch(ing)? to"),
+    ("billing_exception", r"refund|charged|overcharge|money back|chargeback"),
+)
+
+
+class KeywordPolicy:
+    """Escalate on a keyword of the customer's message; otherwise search the KB and reply with the
+    top article. The honest baseline: it shows the packs are not solvable by surface words."""
+
+    name = "keyword"
+
+    def act(self, episodes: Sequence[SupportEpisode]) -> list[str]:
+        return [self._one(e).to_json() for e in episodes]
+
+    def _one(self, episode: SupportEpisode) -> Action:
+        last = episode.transcript[-1]
+        if last.role == "tool":  # search results came back: answer with the best article
+            body = last.content.split("\n")[1].split(": ", 1)[-1] if "\n" in last.content else "Sorry, I found nothing on that."
+            return Action(action="reply", message=body)
+        text = last.content.lower()
+        for reason, pattern in KEYWORDS:
+            if re.search(pattern, text):
+                return Action(action="escalate", args={"reason": reason}, message="I'm passing this to a specialist.")
+        return Action(action="search_kb", args={"query": last.content[:200]})
+
+
+def baseline(name: str) -> Policy:
+    if name == "oracle":
+        return OraclePolicy()
+    if name == "always-escalate":
+        return AlwaysEscalate()
+    if name == "always-reply":
+        return AlwaysReply()
+    if name == "keyword":
+        return KeywordPolicy()
+    raise ValueError(f"unknown policy {name!r}: expected oracle, always-escalate, always-reply or keyword")

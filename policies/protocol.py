@@ -1,0 +1,73 @@
+"""The action protocol as text: parsing model output into an `Action`, and rendering prompts.
+
+Parsing is strict: the first JSON object in the text, validated by the environment's `Action`
+model; anything else is an invalid step whose reason is recorded (never silently repaired).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from environments.actions import REASONS, Action
+from environments.episode import Entry
+from environments.pack import Company
+
+ACTION_CONTRACT = (
+    "Answer with ONE JSON object and nothing else: "
+    '{"thought": "...", "action": "...", "args": {...}, "message": "..."}\n'
+    "Actions:\n"
+    '- search_kb, args {"query": "..."}: search the knowledge base; message "".\n'
+    "- clarify, args {}: message asks the customer for a missing detail.\n"
+    "- reply, args {}: message answers, quoting the exact facts from the KB.\n"
+    '- escalate, args {"reason": R}: hand over to a human; message tells the customer.\n'
+    '- create_ticket, args {"summary": "...", "priority": "low|normal|high"}; message "".\n'
+    '- update_ticket, args {"ticket_id": "...", "note": "...", "status": "open|pending|solved"}; message "".\n'
+    f"R is one of: {', '.join(REASONS)}."
+)
+
+
+@dataclass(frozen=True)
+class Parsed:
+    action: Action | None
+    error: str | None  # why the text is not a valid action; None when it is
+
+
+def parse_action(text: str) -> Parsed:
+    """The first JSON object in `text`, validated as an `Action`."""
+    start = text.find("{")
+    if start < 0:
+        return Parsed(None, "no JSON object in the output")
+    try:
+        obj, _ = json.JSONDecoder().raw_decode(text, start)
+    except json.JSONDecodeError as e:
+        return Parsed(None, f"malformed JSON: {e.msg}")
+    if not isinstance(obj, dict):
+        return Parsed(None, "the JSON value is not an object")
+    try:
+        return Parsed(Action.model_validate(obj), None)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        return Parsed(None, f"schema: {where + ': ' if where else ''}{first['msg'].removeprefix('Value error, ')}")
+
+
+def system_prompt(company: Company) -> str:
+    tone = f" Tone: {company.tone}." if company.tone else ""
+    return f"You are the support agent of {company.name}.{tone}\nPolicy:\n{company.policy.strip()}\n\n{ACTION_CONTRACT}"
+
+
+def render_messages(company: Company, transcript: list[Entry]) -> list[dict[str, str]]:
+    """Chat messages for the student: system = policy + contract; the customer and tool results
+    as user turns, the agent's own steps as assistant turns."""
+    messages = [{"role": "system", "content": system_prompt(company)}]
+    for entry in transcript:
+        if entry.role == "agent":
+            messages.append({"role": "assistant", "content": entry.content})
+        elif entry.role == "customer":
+            messages.append({"role": "user", "content": f"Customer: {entry.content}"})
+        else:
+            messages.append({"role": "user", "content": f"Tool: {entry.content}"})
+    return messages

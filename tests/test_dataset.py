@@ -1,0 +1,57 @@
+"""The training set: aggregate, deduplicated, held-out refused, escalation turns oversampled."""
+
+import json
+
+import pytest
+
+from loop.dataset import build_dataset
+from store import ExampleRow
+
+
+def conv(*actions, tag=""):
+    msgs = [{"role": "system", "content": "policy"}, {"role": "user", "content": f"Customer: hi {tag}"}]
+    for a in actions:
+        msgs.append({"role": "assistant", "content": json.dumps({"action": a, "tag": tag})})
+        msgs.append({"role": "user", "content": "Tool: ok"})
+    return msgs[:-1]
+
+
+def example(messages, company="acme", weight=1.0):
+    return ExampleRow(source="simulation", company_id=company, messages=messages,
+                      has_escalation=any('"escalate"' in m["content"] for m in messages), weight=weight)
+
+
+@pytest.mark.parametrize("share", [0.3, 0.5])
+def test_escalation_share_matches_the_setting(share):
+    rows = [example(conv("search_kb", "reply", tag=str(i))) for i in range(40)]
+    rows += [example(conv("search_kb", "escalate", tag=f"e{i}")) for i in range(2)]
+    rows += [example(conv("escalate", tag=f"d{i}")) for i in range(2)]
+    data = build_dataset(rows, heldout=set(), escalation_share=share)
+    assert data.n_unique == 44
+    assert share <= data.escalation_share < share + 0.02  # oversampled up to the share, one conversation at a time
+    counted = [json.loads(m["content"])["action"] for c in data.conversations for m in c if m["role"] == "assistant"]
+    assert counted.count("escalate") / len(counted) == data.escalation_share
+
+
+def test_an_unreachable_share_stops():
+    rows = [example(conv("reply", tag="a")), example(conv("search_kb", "escalate", tag="b"))]
+    data = build_dataset(rows, heldout=set(), escalation_share=0.9)  # at most 1/2 of turns can escalate
+    assert 0.45 < data.escalation_share < 0.5
+
+
+def test_duplicates_count_once_and_weights_repeat():
+    rows = [example(conv("reply", tag="a")), example(conv("reply", tag="a")), example(conv("reply", tag="b"), weight=3)]
+    data = build_dataset(rows, heldout=set(), escalation_share=0.0)
+    assert data.n_unique == 2 and len(data.conversations) == 4
+
+
+def test_heldout_companies_never_reach_training():
+    rows = [example(conv("reply")), example(conv("escalate"), company="travel-co")]
+    with pytest.raises(ValueError, match="held-out"):
+        build_dataset(rows, heldout={"travel-co"})
+
+
+def test_hash_is_stable_and_content_based():
+    rows = [example(conv("reply", tag=str(i))) for i in range(3)]
+    assert build_dataset(rows, heldout=set()).data_hash == build_dataset(rows[::-1], heldout=set()).data_hash
+    assert build_dataset(rows[:2], heldout=set()).data_hash != build_dataset(rows, heldout=set()).data_hash
