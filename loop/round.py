@@ -92,6 +92,12 @@ class RoundSummary:
 
 
 def run_round(rt: Runtime, round_no: int) -> RoundSummary:
+    """collect → correct → dataset → train → evaluate → gate."""
+    summary = collect(rt, round_no)
+    return retrain(rt, round_no, summary)
+
+
+def collect(rt: Runtime, round_no: int) -> RoundSummary:
     store, s = rt.store, rt.settings
     register_packs(store, rt.packs)
     ensure_base_evaluated(rt)
@@ -110,11 +116,22 @@ def run_round(rt: Runtime, round_no: int) -> RoundSummary:
         rt.student.load_adapter(rt.adapters_dir / collector if collector else None)
         summary.examples_added, summary.teacher_usage, summary.repairs, summary.rejected_corrections = collect_and_correct(rt, tickets, round_no, collector)
     summary.seconds["collect"] = time.perf_counter() - clock
+    u = summary.teacher_usage
+    store.log_event("collected", round=round_no, collector=summary.collector, examples_added=summary.examples_added,
+                    repairs=summary.repairs, teacher_calls=u.calls, teacher_tokens=u.prompt_tokens + u.completion_tokens,
+                    teacher_cost_usd=u.cost_usd)
+    return summary
+
+
+def retrain(rt: Runtime, round_no: int, summary: RoundSummary) -> RoundSummary:
+    """Train a fresh adapter on everything collected so far, evaluate it, and gate it."""
+    store, s = rt.store, rt.settings
+    collector = collecting_adapter(store)
 
     # 3. dataset: every accepted example of every round, held-out companies refused.
     heldout = {p.id for p in rt.heldout_packs}
-    dataset = build_dataset(store.examples(exclude_companies=tuple(heldout)), heldout=heldout,
-                            escalation_share=s.escalation_share, seed=s.seed + round_no)
+    examples = store.examples(exclude_companies=tuple(heldout))
+    dataset = build_dataset(examples, heldout=heldout, escalation_share=s.escalation_share, seed=s.seed + round_no)
 
     # 4. train a fresh adapter version on it.
     clock = time.perf_counter()
@@ -122,7 +139,8 @@ def run_round(rt: Runtime, round_no: int) -> RoundSummary:
     path = rt.adapters_dir / version
     store.add_adapter(AdapterRow(version=version, parent=collector, path=str(path), base_model=rt.base_model, status="training",
                                  data_hash=dataset.data_hash, config={**asdict(rt.lora), "round": round_no, "method": s.method,
-                                 "examples": dataset.n_unique, "conversations": len(dataset.conversations),
+                                 "examples": dataset.n_unique, "examples_through": max((e.id or 0 for e in examples), default=0),
+                                 "conversations": len(dataset.conversations),
                                  "escalation_share": round(dataset.escalation_share, 4)}))
     store.log_event("training_started", version=version, round=round_no, examples=dataset.n_unique)
     try:
@@ -160,6 +178,13 @@ def run_round(rt: Runtime, round_no: int) -> RoundSummary:
 
 
 # --- the steps --------------------------------------------------------------------------------
+
+
+def examples_since_training(store: Store) -> int:
+    """Accepted examples newer than what the last successfully trained adapter saw."""
+    trained = [a for a in store.adapters() if a.status not in ("training", "failed")]
+    through = trained[-1].config.get("examples_through", 0) if trained else 0
+    return sum((e.id or 0) > through for e in store.examples())
 
 
 def collecting_adapter(store: Store) -> str | None:

@@ -189,17 +189,31 @@ _set_option = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", 
 @click.option("--method", type=click.Choice(["score", "offline"]), default=None, help="score (SCoRe) or offline (demonstrations only).")
 @click.option("--auto-approve", is_flag=True, default=None, help="Promote a candidate that passes the gate without an operator.")
 @click.option("--ray-address", default=None, help="Join this Ray cluster instead of starting a local one.")
+@click.option("--log-json", is_flag=True, help="Log JSON lines instead of readable console lines.")
 def run_cmd(rounds: int | None, config_file: Path | None, sets: tuple[str, ...], db: str | None, method: str | None,
-            auto_approve: bool | None, ray_address: str | None) -> None:
-    """Run the loop: rollouts, SCoRe corrections, training, evaluation and the gate."""
+            auto_approve: bool | None, ray_address: str | None, log_json: bool) -> None:
+    """Run the loop: rollouts, SCoRe corrections, training, evaluation and the gate.
+
+    Without --rounds it runs as a daemon until SIGINT/SIGTERM: collecting continuously, retraining
+    on a trigger, and resuming from the store after any stop.
+    """
+    from loop.daemon import AlreadyRunning, Daemon, Triggers, lock_store
+    from ops.logs import configure_logging
     from ops.run import build_runtime, run_rounds
 
+    configure_logging(json_lines=log_json)
     cfg = _config(config_file, sets, db=db, method=method, auto_approve=auto_approve, ray_address=ray_address)
-    if rounds is None:
-        raise click.UsageError("the long-running daemon is not built yet: pass --rounds N")
-    if rounds < 1:
+    if rounds is not None and rounds < 1:
         raise click.BadParameter("must be at least 1", param_hint="--rounds")
-    rt = build_runtime(cfg)
+    try:
+        lock = lock_store(cfg.db)  # noqa: F841 - held until the process ends
+    except AlreadyRunning as e:
+        click.echo(f"refused: {e}", err=True)
+        sys.exit(1)
+    rt = build_runtime(cfg, progress=not log_json)
+    if rounds is None:
+        triggers = Triggers(retrain_min_examples=cfg.retrain_min_examples, retrain_every_minutes=cfg.retrain_every_minutes, inbox=Path(cfg.inbox))
+        sys.exit(Daemon(rt, cfg.db, triggers).run())
     summaries = run_rounds(rt, rounds, on_round=lambda s: console.print(f"round {s.round}: {s.version} {s.gate} ({s.gate_reason})"))
     _print_summary(rt.store, summaries)
 
@@ -231,16 +245,16 @@ def _print_summary(store, summaries) -> None:
     console.print(table)
 
 
-@main.command("adapters")
+@main.group("adapters", invoke_without_command=True)
 @click.option("--db", default="apprentice.db", show_default=True, help="SQLite store.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def adapters_cmd(db: str, as_json: bool) -> None:
-    """List adapter versions with status and headline held-out metrics."""
-    from store import Store
-
-    if not Path(db).exists():
-        raise click.UsageError(f"no store at {db}")
-    store = Store.open(db)
+@click.pass_context
+def adapters_cmd(ctx: click.Context, db: str, as_json: bool) -> None:
+    """List adapter versions with status and headline held-out metrics (`adapters show V` for one)."""
+    ctx.obj = {"db": db, "json": as_json}
+    if ctx.invoked_subcommand is not None:
+        return
+    store = _open_store(db)
     promoted = store.promoted_version()
     rows = [{"version": a.version, "status": a.status, "parent": a.parent, "promoted": a.version == promoted,
              "train_loss": a.train_metrics.get("train_loss"), "created_at": a.created_at,
@@ -259,7 +273,69 @@ def adapters_cmd(db: str, as_json: bool) -> None:
     console.print(table)
 
 
+@adapters_cmd.command("show")
+@click.argument("version")
+@click.option("--changed", type=int, default=5, show_default=True, help="How many changed tickets to print with transcripts.")
+@click.pass_context
+def adapters_show(ctx: click.Context, version: str, changed: int) -> None:
+    """VERSION's per-company metrics next to the promoted version's, per-reason recall, and the
+    held-out tickets whose outcome changed, with both transcripts."""
+    from dataclasses import asdict
+
+    from loop.status import adapter_details
+
+    try:
+        d = adapter_details(_open_store(ctx.obj["db"]), version)
+    except KeyError as e:
+        raise click.UsageError(str(e.args[0])) from None
+    if ctx.obj["json"]:
+        click.echo(json.dumps({"version": d.version, "baseline": d.baseline, "candidate": d.candidate.as_json(),
+                               "baseline_metrics": d.promoted.as_json() if d.promoted else None,
+                               "recall_by_reason": d.recall_by_reason, "changed": [asdict(c) for c in d.changed]}, indent=2))
+        return
+    _print_report(f"{version}", d.candidate)
+    if d.promoted:
+        _print_report(f"{d.baseline} (baseline)", d.promoted)
+    table = Table(title=f"escalation recall by reason: {version} vs {d.baseline}")
+    for col in ("reason", version, d.baseline):
+        table.add_column(col)
+    fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+    for reason, (c, b) in d.recall_by_reason.items():
+        table.add_row(reason, fmt(c), fmt(b))
+    console.print(table)
+    console.print(f"{len(d.changed)} held-out tickets changed outcome")
+    for c in d.changed[:changed]:
+        verdict = "now resolved" if c.candidate_resolved else "now failed"
+        console.print(f"\n{c.company_id}/{c.ticket_id}: {verdict}\n  {d.baseline}:")
+        for line in c.baseline_transcript:
+            console.print(f"    {line}", markup=False)
+        console.print(f"  {version}:")
+        for line in c.candidate_transcript:
+            console.print(f"    {line}", markup=False)
+
+
 # --- operators ------------------------------------------------------------------------------
+
+
+@main.command("status")
+@click.option("--db", default="apprentice.db", show_default=True, help="SQLite store.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of lines.")
+def status_cmd(db: str, as_json: bool) -> None:
+    """Is the daemon alive; what is promoted, pending, collected and spent; recent errors."""
+    from dataclasses import asdict
+
+    from loop.status import status
+
+    st = status(_open_store(db), db)
+    if as_json:
+        click.echo(json.dumps(asdict(st), indent=2))
+        return
+    console.print(f"daemon: {st.daemon}")
+    console.print(f"promoted: {st.promoted}; awaiting approval: {', '.join(st.awaiting_approval) or 'none'}")
+    console.print(f"examples: {st.examples} ({st.examples_since_training} since the last training)")
+    console.print(f"teacher today: {st.teacher_calls_today} calls, {st.teacher_tokens_today} tokens, ${st.teacher_cost_today_usd:.4f}")
+    for line in st.last_errors or ["none"]:
+        console.print(f"last errors: {line}" if line != "none" else "last errors: none")
 
 
 _db_option = click.option("--db", default="apprentice.db", show_default=True, help="SQLite store.")

@@ -56,6 +56,10 @@ class Config:
     min_valid_json: float = _f(0.99, "The gate refuses a candidate below this valid-JSON rate.")
     max_regression: float = _f(0.02, "The gate refuses a candidate whose recall or over-escalation worsens by more.")
     auto_approve: bool = _f(False, "Promote a candidate that passes the gate without an operator.")
+    # the daemon
+    retrain_min_examples: int = _f(50, "The daemon retrains once this many new accepted examples exist...")
+    retrain_every_minutes: float = _f(60.0, "...or once this many minutes passed since the last training (with any new example).")
+    inbox: str = _f("inbox", "Folder the daemon watches for production trace files (*.jsonl).")
     # the cluster
     ray_address: str = _f("", "Ray cluster to join; empty = start a local Ray instance.")
     rollout_workers: int = _f(1, "Rollout actors (each holds one copy of the student).")

@@ -6,11 +6,17 @@
 
 Prompts are rendered with the tokenizer's chat template and generated in left-padded batches
 (KV cache on, as `generate` does by default). Greedy decoding when temperature is 0.
+
+Prompts of one company share a long system message, so a batch's longest common token prefix is
+run through the model once and its KV cache shared by every row (`prefix_cache`): on CPU prefill
+is most of the cost. Each row is then `[prefix][left pads][suffix]`; `generate` skips the cached
+prefix and numbers positions from the attention mask, so the suffix continues right after it.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import torch
@@ -28,6 +34,7 @@ from transformers import (
 from policies.student import Generation, Message
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MIN_CACHED_PREFIX = 32  # shorter shared prefixes are not worth an extra forward pass
 
 
 class HFStudent:
@@ -45,6 +52,7 @@ class HFStudent:
         temperature: float = 0.0,
         seed: int = 0,
         json_mode: bool = False,
+        prefix_cache: bool = True,
     ):
         """Load the base model from `model_dir` (see `policies.models.resolve_model`).
 
@@ -55,6 +63,7 @@ class HFStudent:
         json_mode: force each completion to start with '{' and stop where that object's braces
             close. This constrains the shape only, not the action schema: outputs are still
             validated (and can still be invalid, e.g. cut off by max_new_tokens).
+        prefix_cache: prefill a batch's shared prompt prefix once, not once per row (same outputs).
         """
         if dtype != "auto" and dtype not in DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, not {dtype!r}")
@@ -69,6 +78,7 @@ class HFStudent:
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.json_mode = json_mode
+        self.prefix_cache = prefix_cache
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.tokenizer.padding_side = "left"  # generation continues from the right end of every row
@@ -122,8 +132,9 @@ class HFStudent:
     def generate_with_info(self, prompts: list[list[Message]]) -> list[Generation]:
         """Like `act`, with the adapter that answered and token counts for each prompt."""
         prompt_ids = [self._render(messages) for messages in prompts]
-        # Batch prompts of similar length together to waste less compute on padding.
-        order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]))
+        # Sorting the token lists puts prompts with the same system message (the same company) in
+        # the same chunks, so each chunk computes that long shared prefix once (see _generate).
+        order = sorted(range(len(prompts)), key=lambda i: prompt_ids[i])
         results: list[Generation | None] = [None] * len(prompts)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
@@ -146,8 +157,27 @@ class HFStudent:
 
     @torch.inference_mode()
     def _generate(self, prompt_ids: list[list[int]]) -> list[Generation]:
-        batch = self.tokenizer.pad({"input_ids": prompt_ids}, return_tensors="pt").to(self.device)
-        prompt_len = batch["input_ids"].shape[1]
+        # os.path.commonprefix compares lists element-wise. Leave every row at least one token to
+        # feed `generate`, which needs a new input token to produce the first logits.
+        prefix_len = min(len(os.path.commonprefix(prompt_ids)), min(map(len, prompt_ids)) - 1)
+        if not self.prefix_cache or prefix_len < MIN_CACHED_PREFIX:
+            prefix_len = 0
+        suffixes = [ids[prefix_len:] for ids in prompt_ids]
+        padded = self.tokenizer.pad({"input_ids": suffixes}, return_tensors="pt").to(self.device)
+        B = len(prompt_ids)
+        prefix_1_P = torch.tensor([prompt_ids[0][:prefix_len]], dtype=torch.long, device=self.device)
+        batch = {
+            "input_ids": torch.cat([prefix_1_P.expand(B, -1), padded["input_ids"]], dim=1),
+            "attention_mask": torch.cat([torch.ones_like(prefix_1_P).expand(B, -1), padded["attention_mask"]], dim=1),
+        }
+        if prefix_len:
+            # The same live model (adapter included) that generates. `generate` sees a cache of length P,
+            # runs only the input columns after it, and takes positions from the mask's cumsum, so pads
+            # between prefix and suffix are skipped exactly as left padding is.
+            cache = self.model(input_ids=prefix_1_P, use_cache=True, logits_to_keep=1).past_key_values
+            cache.batch_repeat_interleave(B)
+            batch["past_key_values"] = cache
+        prompt_len = batch["input_ids"].shape[1]  # cached prefix included: generate returns whole rows
         sampling = {"do_sample": True, "temperature": self.temperature} if self.temperature > 0 else {"do_sample": False}
         constraints = {}
         if self.json_mode:

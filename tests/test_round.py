@@ -48,3 +48,13 @@ def test_two_rounds_through_apprentice_run(tiny_model_dir, tmp_path):
     assert len(store.episodes(run_kind="rollout")) == 6
     assert store.corrections()  # a random tiny model errs on its first step: the teacher repaired it
     assert all(e.company_id == "acme-widgets" for e in store.examples())  # never the held-out company
+
+
+@pytest.mark.slow
+def test_minimal_loop_runs_two_rounds(tiny_model_dir, tmp_path, capsys):
+    from loop.minimal import minimal_loop
+
+    minimal_loop(rounds=2, tickets=4, eval_tickets=2, model=str(tiny_model_dir), out=tmp_path)
+    printed = capsys.readouterr().out
+    assert "round 1:" in printed and "round 2:" in printed
+    assert (tmp_path / "round1" / "adapter_model.safetensors").exists() and (tmp_path / "round2" / "probe.json").exists()

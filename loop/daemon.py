@@ -1,0 +1,164 @@
+"""The long-running daemon: `apprentice run` without --rounds.
+
+One controller process holds the store's lock and runs an APScheduler scheduler whose jobs take
+turns on one thread (they share the student and the CPU):
+
+- collect: roll the collecting adapter out on training tickets and SCoRe-correct (continuous);
+- retrain: when >= `retrain_min_examples` new accepted examples exist, or `retrain_every_minutes`
+  passed since the last training with at least one new example: train, evaluate, gate;
+- inbox: list the production trace files waiting in the inbox folder (ingest comes later);
+- heartbeat: a liveness row `apprentice status` reads.
+
+SIGINT/SIGTERM stop it: the current unit finishes or is abandoned, and it exits 0. A restart
+resumes from the store: an adapter left `training` by a crash is marked failed and redone by the
+retrain trigger; episodes are written whole, in one transaction each, so nothing is half-stored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO
+
+import structlog
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from loop.round import RoundSummary, Runtime, collect, examples_since_training, retrain
+from loop.status import HEARTBEAT_KEY
+from store import Store
+
+log = structlog.get_logger("apprentice.daemon")
+
+
+class AlreadyRunning(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Triggers:
+    retrain_min_examples: int = 50
+    retrain_every_minutes: float = 60.0
+    inbox: Path = Path("inbox")
+    heartbeat_s: float = 5.0
+
+
+def lock_store(db: str | Path) -> IO[str]:
+    """An exclusive lock beside the store for the life of this process (the OS drops it on any
+    exit, kill -9 included). A second daemon on the same store is refused, naming the holder."""
+    path = Path(f"{db}.lock")
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise AlreadyRunning(f"another apprentice run is using {db} ({holder}); stop it first") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} since {datetime.now(timezone.utc).isoformat(timespec='seconds')}")
+    handle.flush()
+    return handle
+
+
+def recover(store: Store) -> list[str]:
+    """Adapters a crash left in `training` are failed: the retrain trigger redoes them."""
+    interrupted = [a.version for a in store.adapters(status="training")]
+    for version in interrupted:
+        store.set_adapter_status(version, "failed", gate_reason="interrupted: the daemon stopped during training")
+        store.log_event("training_interrupted", version=version)
+        log.warning("training_interrupted", version=version)
+    return interrupted
+
+
+class Daemon:
+    def __init__(self, rt: Runtime, db: str | Path, triggers: Triggers):
+        self.rt, self.db, self.triggers = rt, db, triggers
+        self.stopping = threading.Event()
+        self._round = rt.store.count("adapters") + 1
+        self._last_training = time.monotonic()
+        self._local = threading.local()
+        # Jobs take turns on one thread (they share the student and the cores); the heartbeat has
+        # its own, so liveness never waits behind a training run.
+        self._scheduler = BackgroundScheduler(executors={"default": ThreadPoolExecutor(1), "heartbeat": ThreadPoolExecutor(1)},
+                                              job_defaults={"coalesce": True, "max_instances": 1})
+
+    def _rt(self) -> Runtime:
+        """The runtime with this thread's own store connection (a connection serves one thread)."""
+        if not hasattr(self._local, "rt"):
+            self._local.rt = dataclasses.replace(self.rt, store=Store.open(self.db))
+        return self._local.rt
+
+    # --- jobs ----------------------------------------------------------------------------------
+
+    def collect_job(self) -> None:
+        if self.stopping.is_set():
+            return
+        summary = collect(self._rt(), self._round)
+        log.info("collected", round=self._round, collector=summary.collector, examples_added=summary.examples_added,
+                 teacher_calls=summary.teacher_usage.calls, seconds=round(summary.seconds["collect"], 1))
+
+    def retrain_job(self) -> None:
+        if self.stopping.is_set():
+            return
+        new = examples_since_training(self._rt().store)
+        overdue = time.monotonic() - self._last_training >= self.triggers.retrain_every_minutes * 60
+        if new < self.triggers.retrain_min_examples and not (overdue and new > 0):
+            return
+        log.info("training_started", round=self._round, new_examples=new)
+        summary = retrain(self._rt(), self._round, RoundSummary(self._round, "daemon"))
+        self._last_training = time.monotonic()
+        log.info("gate", version=summary.version, outcome=summary.gate, reason=summary.gate_reason,
+                 calibration_j=summary.metrics.get("calibration_j"), train_loss=round(summary.train_loss or 0, 4))
+        self._round += 1
+
+    def inbox_job(self) -> None:
+        files = sorted(self.triggers.inbox.glob("*.jsonl")) if self.triggers.inbox.is_dir() else []
+        if files:
+            log.info("inbox", waiting=[f.name for f in files], note="ingest is not built yet; files are left in place")
+
+    def heartbeat_job(self) -> None:
+        self._rt().store.set_meta(HEARTBEAT_KEY, json.dumps({"pid": os.getpid(), "at": datetime.now(timezone.utc).isoformat()}))
+
+    # --- life cycle ----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self.stopping.set())
+        recover(self.rt.store)
+        self.rt.store.set_meta(HEARTBEAT_KEY, json.dumps({"pid": os.getpid(), "at": datetime.now(timezone.utc).isoformat()}))
+        now = datetime.now(timezone.utc)
+        s = self._scheduler
+        s.add_job(self._guard(self.heartbeat_job), "interval", seconds=self.triggers.heartbeat_s, executor="heartbeat", id="heartbeat")
+        s.add_job(self._guard(self.collect_job), "interval", seconds=1, next_run_time=now, id="collect")
+        s.add_job(self._guard(self.retrain_job), "interval", seconds=10, next_run_time=now, id="retrain")
+        s.add_job(self._guard(self.inbox_job), "interval", seconds=60, next_run_time=now, id="inbox")
+        s.start()
+        log.info("daemon_started", pid=os.getpid(), round=self._round)
+        while not self.stopping.wait(0.5):
+            pass
+        log.info("daemon_stopping")
+        s.shutdown(wait=False)
+        return 0
+
+    def _guard(self, job):
+        def run() -> None:
+            try:
+                job()
+            except Exception as e:  # a failed unit is logged and retried on the next tick
+                if self.stopping.is_set():
+                    return
+                self._rt().store.log_event("error", job=job.__name__, error=f"{type(e).__name__}: {e}")
+                log.exception("job_failed", job=job.__name__)
+
+        run.__name__ = job.__name__
+        return run

@@ -1,0 +1,131 @@
+"""What operators look at: the daemon's health, and one adapter next to the promoted one."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from loop.metrics import Report, report
+from loop.records import outcomes_of
+from loop.round import examples_since_training
+from store import Store
+
+HEARTBEAT_KEY = "daemon_heartbeat"
+
+
+@dataclass(frozen=True)
+class Status:
+    daemon_alive: bool
+    daemon: str  # who holds the lock and when it last beat, or why it looks stopped
+    promoted: str  # a version, or "base"
+    awaiting_approval: list[str]
+    examples: int
+    examples_since_training: int
+    teacher_calls_today: int
+    teacher_tokens_today: int
+    teacher_cost_today_usd: float
+    last_errors: list[str]
+
+
+def lock_held(db: str | Path) -> bool:
+    path = Path(f"{db}.lock")
+    if not path.exists():
+        return False
+    with open(path) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
+def status(store: Store, db: str | Path) -> Status:
+    beat = json.loads(store.meta(HEARTBEAT_KEY) or "{}")
+    alive = lock_held(db)
+    if alive and beat:
+        age = (datetime.now(timezone.utc) - datetime.fromisoformat(beat["at"])).total_seconds()
+        daemon = f"running, pid {beat['pid']}, last heartbeat {age:.0f} s ago"
+    else:
+        daemon = f"not running (last heartbeat {beat['at']})" if beat else "not running (never started on this store)"
+    today = datetime.now(timezone.utc).date().isoformat()
+    collected = [e.payload for e in store.events(kind="collected") if e.created_at.startswith(today)]
+    errors = [f"{e.created_at[:19]} {e.payload.get('job', '')}: {e.payload.get('error', '')}" for e in store.events(kind="error")[-3:]]
+    return Status(
+        daemon_alive=alive, daemon=daemon, promoted=store.promoted_version() or "base",
+        awaiting_approval=[a.version for a in store.adapters(status="awaiting_approval")],
+        examples=store.count("examples"), examples_since_training=examples_since_training(store),
+        teacher_calls_today=sum(p.get("teacher_calls", 0) for p in collected),
+        teacher_tokens_today=sum(p.get("teacher_tokens", 0) for p in collected),
+        teacher_cost_today_usd=round(sum(p.get("teacher_cost_usd", 0.0) for p in collected), 4),
+        last_errors=errors,
+    )
+
+
+@dataclass(frozen=True)
+class ChangedTicket:
+    company_id: str
+    ticket_id: str
+    baseline_resolved: bool
+    candidate_resolved: bool
+    baseline_transcript: list[str]
+    candidate_transcript: list[str]
+
+
+@dataclass(frozen=True)
+class AdapterDetails:
+    version: str
+    baseline: str
+    candidate: Report
+    promoted: Report | None
+    recall_by_reason: dict[str, tuple[float | None, float | None]]  # reason -> (candidate, baseline)
+    changed: list[ChangedTicket]
+
+
+def _transcript(store: Store, episode_id: int) -> list[str]:
+    lines = []
+    for s in store.steps(episode_id):
+        what = json.dumps(s.action) if s.action else f"(invalid) {s.raw[:200]!r}"
+        lines.append(f"[{s.idx}] {'ok ' if s.acceptable else 'BAD'} {what}  -- {s.verdict}")
+    return lines
+
+
+def adapter_details(store: Store, version: str) -> AdapterDetails:
+    if store.adapter(version) is None and version != "base":
+        raise KeyError(f"no adapter {version!r}")
+    baseline = store.promoted_version() or "base"
+    if baseline == version:
+        baseline = "base"
+    cand_rows, base_rows = store.evaluations(version), store.evaluations(baseline)
+    if not cand_rows:
+        raise KeyError(f"{version} has no evaluation yet")
+    reasons: dict[tuple[str, str], set[str]] = {}
+    for company in {r.company_id for r in cand_rows}:
+        for t in store.tickets(company):
+            turns = [t.truth, *(f["truth"] for f in t.truth.get("followups", []))]
+            reasons[(company, t.id)] = {x["escalation_reason"] for x in turns if x.get("escalation_reason")}
+
+    def recall(rows) -> dict[str, float]:
+        hit, total = defaultdict(int), defaultdict(int)
+        for r in rows:
+            for reason in reasons.get((r.company_id, r.ticket_id), ()):
+                total[reason] += 1
+                hit[reason] += r.escalated
+        return {k: hit[k] / total[k] for k in total}
+
+    cand_recall, base_recall = recall(cand_rows), recall(base_rows)
+    base_by_key = {(r.company_id, r.ticket_id): r for r in base_rows}
+    changed = [
+        ChangedTicket(r.company_id, r.ticket_id, b.resolved, r.resolved, _transcript(store, b.episode_id), _transcript(store, r.episode_id))
+        for r in cand_rows if (b := base_by_key.get((r.company_id, r.ticket_id))) is not None and b.resolved != r.resolved
+    ]
+    return AdapterDetails(
+        version=version, baseline=baseline, candidate=report(outcomes_of(cand_rows)),
+        promoted=report(outcomes_of(base_rows)) if base_rows else None,
+        recall_by_reason={k: (cand_recall.get(k), base_recall.get(k)) for k in sorted(set(cand_recall) | set(base_recall))},
+        changed=changed,
+    )

@@ -1,0 +1,91 @@
+"""The daemon in a subprocess with the tiny model: it trains by the threshold trigger, survives a
+SIGKILL in the middle of training without losing rows, refuses a second instance, and stops on
+SIGTERM with exit code 0."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from store import Store
+from tests.test_round import two_company_packs
+
+ROOT = Path(__file__).parents[1]
+TABLES = ("episodes", "steps", "corrections", "examples", "evaluations", "decisions")
+
+
+def start(db, settings, log):
+    args = [a for k, v in settings.items() for a in ("--set", f"{k}={v}")]
+    return subprocess.Popen([sys.executable, "-m", "ops.cli", "run", "--db", str(db), "--log-json", *args],
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_for(condition, proc, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the daemon exited ({proc.returncode}) while waiting for {what}")
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def counts(db):
+    store = Store.open(db)
+    try:
+        return {t: store.count(t) for t in TABLES}
+    finally:
+        store.close()
+
+
+def statuses(db):
+    store = Store.open(db)
+    try:
+        return {a.version: a.status for a in store.adapters()}
+    finally:
+        store.close()
+
+
+@pytest.mark.slow
+def test_daemon_resumes_after_sigkill_and_stops_on_sigterm(tiny_model_dir, tmp_path):
+    db = tmp_path / "a.db"
+    settings = {"packs": two_company_packs(tmp_path / "packs"), "model": tiny_model_dir, "adapters_dir": tmp_path / "adapters",
+                "warm_start_tickets": 6, "rollout_tickets": 3, "eval_tickets": 3, "max_new_tokens": 16, "epochs": 1,
+                "retrain_min_examples": 3, "inbox": tmp_path / "inbox"}
+    log = open(tmp_path / "daemon.log", "ab")
+    first = start(db, settings, log)
+    try:
+        wait_for(lambda: db.exists() and "training" in statuses(db).values(), first, 300, "a training run")
+        second = subprocess.run([sys.executable, "-m", "ops.cli", "run", "--db", str(db)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 1 and "another apprentice run is using" in second.stderr
+        before = counts(db)
+        first.send_signal(signal.SIGKILL)
+        first.wait(30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert counts(db) == before  # nothing committed was lost
+    assert list(statuses(db).values()) == ["training"]
+
+    again = start(db, settings, log)
+    try:
+        wait_for(lambda: any(s in ("awaiting_approval", "rejected_by_gate", "promoted") for s in statuses(db).values()),
+                 again, 300, "the redone training to be gated")
+        after = counts(db)
+        assert all(after[t] >= before[t] for t in TABLES)
+        assert statuses(db)["v0001"] == "failed"
+        started = time.monotonic()
+        again.send_signal(signal.SIGTERM)
+        assert again.wait(120) == 0
+        assert time.monotonic() - started < 120
+    finally:
+        if again.poll() is None:
+            again.kill()
+    assert all(counts(db)[t] >= after[t] for t in TABLES)
+    store = Store.open(db)
+    assert [e.payload["version"] for e in store.events(kind="training_interrupted")] == ["v0001"]
