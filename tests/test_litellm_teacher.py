@@ -12,7 +12,7 @@ import pytest
 from environments.actions import Action
 from environments.episode import SupportEpisode
 from environments.pack import load_pack
-from openai_stub import Answer, OpenAIStub
+from tests.openai_stub import Answer, OpenAIStub
 from policies.litellm_teacher import BudgetExceeded, LiteLLMTeacher, TeacherError, litellm  # litellm set up offline
 from policies.teacher import TeacherContext, Trajectory, Usage
 
