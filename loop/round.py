@@ -109,12 +109,12 @@ def collect(rt: Runtime, round_no: int) -> RoundSummary:
     # 1-2. collect and correct. The first round (and every round of the offline method) clones full
     # teacher demonstrations; later SCoRe rounds roll the student out and repair its first errors.
     n_tickets = s.warm_start_tickets if store.count("examples") == 0 else s.rollout_tickets
-    tickets = sample_tickets(rt.train_packs, n_tickets, seed=s.seed + round_no)
+    tickets = sample_tickets(rt.train_packs, n_tickets, seed=s.seed + store.count("episodes"))  # new tickets each collection
     if warm:
         summary.examples_added, summary.teacher_usage = collect_demonstrations(rt, tickets, round_no)
     else:
         rt.student.load_adapter(rt.adapters_dir / collector if collector else None)
-        summary.examples_added, summary.teacher_usage, summary.repairs, summary.rejected_corrections = collect_and_correct(rt, tickets, round_no, collector)
+        collect_and_correct(rt, tickets, round_no, collector, summary)
     summary.seconds["collect"] = time.perf_counter() - clock
     u = summary.teacher_usage
     store.log_event("collected", round=round_no, collector=summary.collector, examples_added=summary.examples_added,
@@ -240,20 +240,22 @@ def collect_demonstrations(rt: Runtime, tickets: list[tuple[Pack, Ticket]], roun
     return added, policy.usage
 
 
-def collect_and_correct(rt: Runtime, tickets: list[tuple[Pack, Ticket]], round_no: int, collector: str | None) -> tuple[int, Usage, int, int]:
+def collect_and_correct(rt: Runtime, tickets: list[tuple[Pack, Ticket]], round_no: int, collector: str | None,
+                        summary: RoundSummary) -> None:
     """Roll the student out, SCoRe-correct every trajectory, store everything, keep the verified."""
     s = rt.settings
     student = StudentPolicy(rt.student)
+    clock = time.perf_counter()
     rollouts = run_episodes(student, tickets, max_steps=s.max_steps, progress=rt.progress)
+    summary.seconds["rollout"] = time.perf_counter() - clock
     corrected = score_correct(student, rt.teacher, rollouts, max_repairs=s.max_repairs, keep_clean=s.keep_clean,
                               rng=random.Random(s.seed + round_no))
-    added, usage, repairs, rejected = 0, Usage(), 0, 0
+    summary.seconds["correct"] = time.perf_counter() - clock - summary.seconds["rollout"]
     for item in corrected:
-        added += store_corrected(rt.store, rt.teacher.name, item, round_no, collector)
-        usage += item.usage
-        repairs += len(item.repairs)
-        rejected += sum(not r.verified for r in item.repairs)
-    return added, usage, repairs, rejected
+        summary.examples_added += store_corrected(rt.store, rt.teacher.name, item, round_no, collector)
+        summary.teacher_usage += item.usage
+        summary.repairs += len(item.repairs)
+        summary.rejected_corrections += sum(not r.verified for r in item.repairs)
 
 
 def store_corrected(store: Store, teacher: str, item: Corrected, round_no: int, collector: str | None) -> int:

@@ -82,13 +82,16 @@ class RayStudentPool:
     def load_adapter(self, path: str | Path | None) -> None:
         """Swap every actor to the adapter at `path` (None: the base) and verify the swap took: each
         actor's probe log-probs must match what the trainer saved beside the adapter."""
+        name = Path(path).name if path else None
+        if name == self.adapter_id:
+            return  # already live on every worker (verified when it was loaded); workers start on the base
         values = ray.get([w.load_adapter.remote(str(path) if path else None) for w in self._workers])
         if path is not None:
             expected = json.loads((Path(path) / PROBE_FILE).read_text())["logprobs"]
             for got in values:
                 if max(abs(a - b) for a, b in zip(got, expected)) > PROBE_TOLERANCE:
                     raise AdapterSwapError(f"adapter {path} is not live on a rollout worker: probe {got} != trainer's {expected}")
-        self.adapter_id = Path(path).name if path else None
+        self.adapter_id = name
 
     def shutdown(self) -> None:
         for w in self._workers:
