@@ -3,7 +3,11 @@ makes no sense with a message that says why and what to do instead."""
 
 from __future__ import annotations
 
+import structlog
+
 from store import DecisionRow, Store
+
+log = structlog.get_logger("apprentice.operators")
 
 
 class DecisionRefused(ValueError):
@@ -31,6 +35,7 @@ def approve(store: Store, version: str, *, by: str, note: str = "", force: bool 
     if force and not note.strip():
         raise DecisionRefused("--force needs a --note saying why")
     store.set_promoted(version, by=by, note=note, action="approve" if not force else "approve_forced")
+    log.info("decision", action="approve", version=version, by=by, forced=force, note=note)
 
 
 def reject(store: Store, version: str, *, by: str, note: str) -> None:
@@ -44,6 +49,7 @@ def reject(store: Store, version: str, *, by: str, note: str) -> None:
     with store.transaction():
         store.set_adapter_status(version, "rejected")
         store.add_decision(DecisionRow(adapter_version=version, action="reject", by=by, note=note))
+    log.info("decision", action="reject", version=version, by=by, note=note)
 
 
 def rollback(store: Store, version: str | None, *, by: str, note: str) -> str | None:
@@ -62,6 +68,7 @@ def rollback(store: Store, version: str | None, *, by: str, note: str) -> str | 
     elif _adapter(store, version).status != "retired":
         raise DecisionRefused(f"{version} was never promoted (it is {store.adapter(version).status}); approve it instead")
     store.set_promoted(version, by=by, note=note, action="rollback")
+    log.info("decision", action="rollback", version=version, previous=current, by=by, note=note)
     return version
 
 

@@ -314,6 +314,48 @@ def adapters_show(ctx: click.Context, version: str, changed: int) -> None:
             console.print(f"    {line}", markup=False)
 
 
+# --- production traces ----------------------------------------------------------------------
+
+
+@main.command("ingest")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@_config_option
+@_set_option
+@click.option("--db", default=None, help="SQLite store (config: db).")
+def ingest_cmd(files: tuple[Path, ...], config_file: Path | None, sets: tuple[str, ...], db: str | None) -> None:
+    """Store production traces (JSONL, OpenAI-messages or native format), one per line.
+
+    Each line is validated on its own: a bad line is stored as rejected with an error naming it,
+    the good lines go on, and a trace id seen before is stored once. Exits 1 only when no line of
+    any file could be read.
+    """
+    from loop.ingest import IngestSummary, ingest_file
+    from loop.records import register_packs
+    from ops.run import build_packs
+    from store import Store
+
+    cfg = _config(config_file, sets, db=db)
+    packs = build_packs(cfg)
+    store = Store.open(cfg.db)
+    register_packs(store, packs)
+    total = IngestSummary()
+    for path in files:
+        if not path.exists():
+            click.echo(f"{path}: no such file", err=True)
+            continue
+        result = ingest_file(store, path, {p.id for p in packs})
+        total.accepted, total.duplicate, total.rejected, total.readable = (
+            total.accepted + result.accepted, total.duplicate + result.duplicate, total.rejected + result.rejected, total.readable + result.readable)
+        total.errors += result.errors
+    click.echo(f"accepted {total.accepted}, duplicate {total.duplicate}, rejected {total.rejected}")
+    for error in total.errors[:10]:
+        click.echo(f"  rejected {error}")
+    if len(total.errors) > 10:
+        click.echo(f"  ... and {len(total.errors) - 10} more (see the traces table)")
+    if total.readable == 0:
+        sys.exit(1)
+
+
 # --- operators ------------------------------------------------------------------------------
 
 
