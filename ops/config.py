@@ -35,6 +35,8 @@ class Config:
     teacher_api_base: str = _f("", "Base URL for the litellm teacher (e.g. your vLLM server); empty = provider default.")
     teacher_api_key_env: str = _f("", "Name of the environment variable that holds the teacher's API key.")
     teacher_budget_usd: float = _f(0.0, "Stop teacher calls once this much is spent; 0 = no cap.")
+    teacher_redact: bool = _f(True, "Redact emails, phones, cards, accounts and addresses before the teacher sees them (off only on loopback).")
+    redact_patterns: tuple = _f((), "Extra regular expressions to redact (a TOML list of strings).")
     # a round
     method: Literal["score", "offline"] = _f("score", "score: SCoRe first-error correction; offline: teacher demonstrations only.")
     warm_start_tickets: int = _f(100, "Training tickets demonstrated in full by the teacher before the first adapter.")
@@ -80,9 +82,9 @@ class Config:
             raise ValueError("warm_start_tickets and rollout_tickets must be >= 0, epochs > 0")
 
 
-def _coerce(name: str, value: Any, hint: Any) -> Any:
+def _coerce(name: str, value: Any) -> Any:
     kind = type(Config.__dataclass_fields__[name].default)
-    if isinstance(value, str) and kind is not str:
+    if isinstance(value, str) and kind not in (str, tuple):
         if kind is bool:
             if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
                 raise ValueError(f"{name} must be true or false, got {value!r}")
@@ -93,6 +95,11 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
             raise ValueError(f"{name} must be a {kind.__name__}, got {value!r}") from None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is tuple:
+        values = [value] if isinstance(value, str) else value
+        if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) for v in values):
+            raise ValueError(f"{name} must be a list of strings, got {value!r}")
+        return tuple(values)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ValueError(f"{name} must be a {kind.__name__}, got {value!r}")
     return value
@@ -109,8 +116,7 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ValueError(f"unknown config key(s) {unknown}; see apprentice.toml for the list")
-    hints = get_type_hints(Config)
-    return Config(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
+    return Config(**{k: _coerce(k, v) for k, v in values.items()})
 
 
 def parse_overrides(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -130,5 +136,6 @@ def documented_toml() -> str:
         lines.append(f"# {f.metadata['help']}")
         v = f.default
         literal = ("true" if v else "false") if isinstance(v, bool) else (f'"{v}"' if isinstance(v, str) else repr(v))
+        literal = "[]" if v == () else literal
         lines.append(f"{f.name} = {literal}")
     return "\n".join(lines) + "\n"

@@ -33,7 +33,7 @@ def build_teacher(cfg: Config) -> Teacher:
     if cfg.teacher_api_key_env and api_key is None:
         raise ValueError(f"teacher_api_key_env names {cfg.teacher_api_key_env}, which is not set")
     return LiteLLMTeacher(cfg.teacher, api_base=cfg.teacher_api_base or None, api_key=api_key,
-                          budget_usd=cfg.teacher_budget_usd or None)
+                          budget_usd=cfg.teacher_budget_usd or None, redact=cfg.teacher_redact, redact_patterns=cfg.redact_patterns)
 
 
 def round_settings(cfg: Config) -> RoundSettings:

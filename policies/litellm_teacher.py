@@ -20,6 +20,7 @@ import random
 import threading
 import time
 from typing import Callable, TypeVar
+from urllib.parse import urlparse
 
 # Without this, `import litellm` downloads a price table (3 tries, seconds lost offline).
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -32,6 +33,7 @@ from environments.actions import Action  # noqa: E402
 from environments.episode import Entry  # noqa: E402
 from environments.pack import Ticket  # noqa: E402
 from policies.protocol import ACTION_CONTRACT, parse_action, system_prompt  # noqa: E402
+from policies.redaction import Redactor  # noqa: E402
 from policies.teacher import Demonstration, Judgement, TeacherContext, Trajectory, Usage  # noqa: E402
 
 # Otherwise litellm prints a "Give Feedback / Get Help" banner on stdout for every failed call,
@@ -87,12 +89,17 @@ class LiteLLMTeacher:
         max_calls: int | None = None,
         temperature: float = 0.0,
         seed: int | None = None,
+        redact: bool = True,
+        redact_patterns: tuple[str, ...] = (),
     ):
         if timeout_s <= 0 or backoff_s < 0 or not 0 <= max_retries <= 10 or max_concurrency < 1:
             raise ValueError("need timeout_s > 0, backoff_s >= 0, 0 <= max_retries <= 10 and max_concurrency >= 1")
         if (budget_usd is not None and budget_usd < 0) or (max_calls is not None and max_calls < 0):
             raise ValueError("budget_usd and max_calls must be >= 0 (or None for no cap)")
+        if not redact and not _is_loopback(api_base):
+            raise ValueError("redaction can be turned off only for a teacher on loopback (api_base http://127.0.0.1:... or localhost)")
         self.name = model
+        self.redact, self.redact_patterns = redact, redact_patterns
         self.model, self.api_base, self.api_key = model, api_base, api_key
         self.timeout_s, self.max_retries, self.backoff_s, self.temperature = timeout_s, max_retries, backoff_s, temperature
         self.budget_usd, self.max_calls = budget_usd, max_calls
@@ -120,15 +127,17 @@ class LiteLLMTeacher:
             '"rationale": "<one sentence>"}'
         )
         n_steps = len(trajectory.actions)
-        answer, usage = self._ask([{"role": "system", "content": system}, {"role": "user", "content": user}],
+        redactor = Redactor(self.redact_patterns) if self.redact else None
+        answer, usage = self._ask(_redacted([{"role": "system", "content": system}, {"role": "user", "content": user}], redactor),
                                   lambda text: _parse_judgement(text, n_steps))
-        return Judgement(answer.first_error, answer.replacement, answer.rationale, usage)
+        return Judgement(answer.first_error, _restored(answer.replacement, redactor), answer.rationale, usage)
 
     def demonstrate(self, prefix: Trajectory, context: TeacherContext) -> Demonstration:
         user = f"{_situation(context.ticket, prefix.transcript)}\n\nWrite the agent's next step."
         messages = [{"role": "system", "content": system_prompt(context.pack.company)}, {"role": "user", "content": user}]
-        action, usage = self._ask(messages, _parse_step)
-        return Demonstration(action, usage)
+        redactor = Redactor(self.redact_patterns) if self.redact else None
+        action, usage = self._ask(_redacted(messages, redactor), _parse_step)
+        return Demonstration(_restored(action, redactor), usage)
 
     # --- one answer: budget, concurrency, retries, accounting ----------------------------------
 
@@ -248,3 +257,23 @@ def _usage_of(response: litellm.ModelResponse) -> Usage:
     except Exception:  # litellm raises for models without a known price (a self-hosted one, say)
         cost = 0.0
     return Usage(0, response.usage.prompt_tokens, response.usage.completion_tokens, cost)
+
+
+# --- redaction: nothing personal leaves the machine; answers are mapped back -----------------
+
+
+def _is_loopback(api_base: str | None) -> bool:
+    host = urlparse(api_base or "").hostname or ""
+    return host == "localhost" or host.startswith("127.") or host == "::1"
+
+
+def _redacted(messages: list[dict[str, str]], redactor: Redactor | None) -> list[dict[str, str]]:
+    if redactor is None:
+        return messages
+    return [{**m, "content": redactor.redact(m["content"])} for m in messages]
+
+
+def _restored(action: Action | None, redactor: Redactor | None) -> Action | None:
+    if action is None or redactor is None:
+        return action
+    return Action.model_validate_json(redactor.restore(action.model_dump_json()))

@@ -205,3 +205,30 @@ def test_backoff_is_exponential_with_reproducible_jitter():
     assert delays == [b._backoff(attempt) for attempt in (1, 2, 3)]
     for delay, base in zip(delays, (1, 2, 4)):
         assert base <= delay <= base * 1.25
+
+
+PERSONAL = ("jane.doe@example.com", "+44 20 7946 0958", "4111 1111 1111 1111", "221B Baker Street")
+
+
+def personal_trajectory() -> Trajectory:
+    episode = SupportEpisode(PACK, T3)
+    episode.transcript[0] = type(episode.transcript[0])(
+        "customer", f"Where is my order? I'm {PERSONAL[0]}, phone {PERSONAL[1]}, paid with {PERSONAL[2]}, ship to {PERSONAL[3]}.")
+    episode.step(Action(action="reply", message="Your order arrives in 3 to 5 days."))
+    return Trajectory.of(episode)
+
+
+def test_nothing_personal_reaches_the_teacher_and_answers_are_restored(stub, make):
+    reply = Action(action="clarify", message="Is <EMAIL_1> still your address? What is your order id?")
+    stub.enqueue([json.dumps({"first_error": 0, "replacement": reply.model_dump(), "rationale": "needs the order id"})])
+    judgement = make().judge(personal_trajectory(), TeacherContext(PACK, None))
+    sent = json.dumps(stub.requests[0])
+    assert not any(value in sent for value in PERSONAL)
+    assert "<EMAIL_1>" in sent and "<CARD_1>" in sent and "<ADDRESS_1>" in sent and "<PHONE_1>" in sent
+    assert judgement.replacement.message == "Is jane.doe@example.com still your address? What is your order id?"
+
+
+def test_redaction_off_only_on_loopback(stub, make):
+    make(redact=False)  # the stub listens on 127.0.0.1: allowed
+    with pytest.raises(ValueError, match="only for a teacher on loopback"):
+        LiteLLMTeacher("openai/gpt-x", api_base="https://teacher.example/v1", redact=False)
