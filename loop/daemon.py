@@ -6,7 +6,7 @@ turns on one thread (they share the student and the CPU):
 - collect: roll the collecting adapter out on training tickets and SCoRe-correct (continuous);
 - retrain: when >= `retrain_min_examples` new accepted examples exist, or `retrain_every_minutes`
   passed since the last training with at least one new example: train, evaluate, gate;
-- inbox: list the production trace files waiting in the inbox folder (ingest comes later);
+- inbox: ingest the production trace files waiting in the inbox folder and correct them;
 - heartbeat: a liveness row `apprentice status` reads.
 
 SIGINT/SIGTERM stop it: the current unit finishes or is abandoned, and it exits 0. A restart
@@ -32,8 +32,11 @@ import structlog
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from loop.ingest import ingest_file
+from loop.production import correct_traces
 from loop.round import RoundSummary, Runtime, collect, examples_since_training, retrain
 from loop.status import HEARTBEAT_KEY
+from policies.teacher import OracleTeacher
 from store import Store
 
 log = structlog.get_logger("apprentice.daemon")
@@ -48,6 +51,8 @@ class Triggers:
     retrain_min_examples: int = 50
     retrain_every_minutes: float = 60.0
     inbox: Path = Path("inbox")
+    agreements: int = 2  # production corrections: judgements that must agree
+    weight: float = 1.0  # production corrections: training weight
     heartbeat_s: float = 5.0
 
 
@@ -122,9 +127,20 @@ class Daemon:
         self._round += 1
 
     def inbox_job(self) -> None:
+        """Ingest every trace file waiting in the inbox (then moved to inbox/done/) and correct
+        what was accepted; the oracle teacher cannot judge traces without truth, so those wait."""
         files = sorted(self.triggers.inbox.glob("*.jsonl")) if self.triggers.inbox.is_dir() else []
-        if files:
-            log.info("inbox", waiting=[f.name for f in files], note="ingest is not built yet; files are left in place")
+        rt = self._rt()
+        companies = {p.id for p in rt.packs}
+        for path in files:
+            result = ingest_file(rt.store, path, companies)
+            done = self.triggers.inbox / "done"
+            done.mkdir(exist_ok=True)
+            path.rename(done / path.name)
+            log.info("ingested", file=path.name, accepted=result.accepted, duplicate=result.duplicate, rejected=result.rejected)
+        if rt.store.traces(status="accepted") and not isinstance(rt.teacher, OracleTeacher):
+            summary = correct_traces(rt.store, rt.teacher, rt.packs, agreements=self.triggers.agreements, weight=self.triggers.weight)
+            log.info("production_corrected", corrected=summary.corrected, review=summary.review, no_error=summary.no_error)
 
     def heartbeat_job(self) -> None:
         self._rt().store.set_meta(HEARTBEAT_KEY, json.dumps({"pid": os.getpid(), "at": datetime.now(timezone.utc).isoformat()}))

@@ -212,7 +212,8 @@ def run_cmd(rounds: int | None, config_file: Path | None, sets: tuple[str, ...],
         sys.exit(1)
     rt = build_runtime(cfg, progress=not log_json)
     if rounds is None:
-        triggers = Triggers(retrain_min_examples=cfg.retrain_min_examples, retrain_every_minutes=cfg.retrain_every_minutes, inbox=Path(cfg.inbox))
+        triggers = Triggers(retrain_min_examples=cfg.retrain_min_examples, retrain_every_minutes=cfg.retrain_every_minutes,
+                            inbox=Path(cfg.inbox), agreements=cfg.production_agreements, weight=cfg.production_weight)
         sys.exit(Daemon(rt, cfg.db, triggers).run())
     summaries = run_rounds(rt, rounds, on_round=lambda s: console.print(f"round {s.round}: {s.version} {s.gate} ({s.gate_reason})"))
     _print_summary(rt.store, summaries)
@@ -354,6 +355,63 @@ def ingest_cmd(files: tuple[Path, ...], config_file: Path | None, sets: tuple[st
         click.echo(f"  ... and {len(total.errors) - 10} more (see the traces table)")
     if total.readable == 0:
         sys.exit(1)
+
+
+@main.group("review", invoke_without_command=True)
+@_config_option
+@_set_option
+@click.option("--db", default=None, help="SQLite store (config: db).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of lines.")
+@click.pass_context
+def review_cmd(ctx: click.Context, config_file: Path | None, sets: tuple[str, ...], db: str | None, as_json: bool) -> None:
+    """Production corrections the teacher's judgements disagreed on, waiting for an operator."""
+    from loop.production import review_items
+
+    cfg = _config(config_file, sets, db=db)
+    ctx.obj = {"cfg": cfg}
+    if ctx.invoked_subcommand is not None:
+        return
+    items = review_items(_open_store(cfg.db))
+    if as_json:
+        click.echo(json.dumps([{"id": c.id, "step": c.step_idx, "student": c.student_action, "teacher": c.teacher_action,
+                                "rationale": c.rationale} for c in items], indent=2))
+        return
+    for c in items:
+        console.print(f"#{c.id} step {c.step_idx}: {json.dumps(c.student_action)}\n    teacher: {json.dumps(c.teacher_action)} ({c.rationale})", markup=False)
+    console.print(f"{len(items)} waiting for review")
+
+
+def _review_decision(ctx: click.Context, correction_id: int, accept: bool, by: str, note: str) -> None:
+    from loop.production import ReviewError, decide_review
+    from ops.run import build_packs
+
+    cfg = ctx.obj["cfg"]
+    try:
+        decide_review(_open_store(cfg.db), build_packs(cfg), correction_id, accept=accept, by=by, note=note, weight=cfg.production_weight)
+    except ReviewError as e:
+        click.echo(f"refused: {e}", err=True)
+        sys.exit(1)
+    click.echo(f"correction {correction_id} {'accepted' if accept else 'rejected'} by {by}")
+
+
+@review_cmd.command("accept")
+@click.argument("correction_id", type=int)
+@click.option("--by", required=True, help="Who decides (kept in the decisions log).")
+@click.option("--note", default="", help="Why.")
+@click.pass_context
+def review_accept(ctx: click.Context, correction_id: int, by: str, note: str) -> None:
+    """Trust correction CORRECTION_ID: it becomes a training row."""
+    _review_decision(ctx, correction_id, True, by, note)
+
+
+@review_cmd.command("reject")
+@click.argument("correction_id", type=int)
+@click.option("--by", required=True, help="Who decides (kept in the decisions log).")
+@click.option("--note", required=True, help="Why.")
+@click.pass_context
+def review_reject(ctx: click.Context, correction_id: int, by: str, note: str) -> None:
+    """Drop correction CORRECTION_ID: it is never trained on."""
+    _review_decision(ctx, correction_id, False, by, note)
 
 
 # --- operators ------------------------------------------------------------------------------

@@ -58,6 +58,9 @@ class Config:
     min_valid_json: float = _f(0.99, "The gate refuses a candidate below this valid-JSON rate.")
     max_regression: float = _f(0.02, "The gate refuses a candidate whose recall or over-escalation worsens by more.")
     auto_approve: bool = _f(False, "Promote a candidate that passes the gate without an operator.")
+    # production traces
+    production_agreements: int = _f(2, "Independent teacher judgements that must agree before a production correction is trusted.")
+    production_weight: float = _f(1.0, "Training weight (copies) of a production example.")
     # the daemon
     retrain_min_examples: int = _f(50, "The daemon retrains once this many new accepted examples exist...")
     retrain_every_minutes: float = _f(60.0, "...or once this many minutes passed since the last training (with any new example).")

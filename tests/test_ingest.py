@@ -73,3 +73,71 @@ def test_cli_exit_codes(tmp_path):
     assert ok.exit_code == 0 and "accepted 1, duplicate 0, rejected 1" in ok.output and "good.jsonl:2: not valid JSON" in ok.output
     nothing = CliRunner().invoke(main, ["ingest", str(bad), *args])
     assert nothing.exit_code == 1
+
+
+# --- correction of production traces: self-consistency and the review queue ---------------------
+
+from loop.production import correct_traces, decide_review, review_items  # noqa: E402
+from policies.teacher import Judgement, Usage  # noqa: E402
+
+ESCALATE = Action(action="escalate", args={"reason": "billing_exception"}, message="A colleague will sort out the refund.")
+
+
+class QueueTeacher:
+    """The real Teacher signature; judge() answers from a queue."""
+
+    name = "queue-teacher"
+
+    def __init__(self, judgements):
+        self.queue = list(judgements)
+
+    def judge(self, trajectory, context):
+        assert context.ticket is None  # production: no hidden truth
+        return self.queue.pop(0)
+
+    def demonstrate(self, prefix, context):
+        raise AssertionError("not used")
+
+
+def ingested(tmp_path, *lines):
+    from pathlib import Path
+
+    from environments.pack import load_pack
+    from loop.records import register_packs
+
+    pack = load_pack(Path(__file__).parent / "data" / "acme")
+    store = Store.open(tmp_path / "p.db")
+    register_packs(store, [pack])
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    ingest_file(store, path, {pack.id})
+    return store, [pack]
+
+
+def test_agreeing_judgements_become_training_rows(tmp_path):
+    store, packs = ingested(tmp_path, openai_line("p1"))
+    teacher = QueueTeacher([Judgement(1, ESCALATE, "outside the window", Usage(1, 50, 10, 0.002))] * 2)
+    summary = correct_traces(store, teacher, packs, agreements=2, weight=2.0)
+    assert (summary.corrected, summary.review) == (1, 0)
+    (example,) = store.examples(source="production")
+    assert example.weight == 2.0 and example.has_escalation
+    assistant = [m["content"] for m in example.messages if m["role"] == "assistant"]
+    assert json.loads(assistant[0])["action"] == "search_kb" and json.loads(assistant[-1]) == json.loads(ESCALATE.to_json())
+    assert len(assistant) == 2  # prefix + the replacement, nothing after the error
+    (correction,) = store.corrections()
+    assert correction.status == "accepted" and not correction.verified and correction.cost_usd == 0.004
+    assert store.trace("p1").status == "corrected"
+
+
+def test_disagreeing_judgements_wait_for_review_then_accept_or_reject(tmp_path):
+    store, packs = ingested(tmp_path, openai_line("p1"), openai_line("p2"))
+    churn = Action(action="escalate", args={"reason": "churn_risk"}, message="Let me get someone.")
+    teacher = QueueTeacher([Judgement(1, ESCALATE, "a"), Judgement(1, churn, "b"), Judgement(0, ESCALATE, "c"), Judgement(1, ESCALATE, "d")])
+    summary = correct_traces(store, teacher, packs, agreements=2)
+    assert (summary.corrected, summary.review) == (0, 2) and store.count("examples") == 0
+    first, second = review_items(store)
+    decide_review(store, packs, first.id, accept=True, by="ana", note="billing is right")
+    decide_review(store, packs, second.id, accept=False, by="ana", note="unsure")
+    assert store.count("examples") == 1 and review_items(store) == []
+    assert [(d.action, d.by) for d in store.decisions()] == [("review_accept", "ana"), ("review_reject", "ana")]
+    assert {store.trace("p1").status, store.trace("p2").status} == {"corrected", "review_rejected"}
