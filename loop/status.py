@@ -47,11 +47,12 @@ def lock_held(db: str | Path) -> bool:
 def status(store: Store, db: str | Path) -> Status:
     beat = json.loads(store.meta(HEARTBEAT_KEY) or "{}")
     alive = lock_held(db)
-    if alive and beat:
-        age = (datetime.now(timezone.utc) - datetime.fromisoformat(beat["at"])).total_seconds()
-        daemon = f"running, pid {beat['pid']}, last heartbeat {age:.0f} s ago"
+    if alive:
+        holder = Path(f"{db}.lock").read_text().strip()
+        age = (datetime.now(timezone.utc) - datetime.fromisoformat(beat["at"])).total_seconds() if beat else None
+        daemon = f"running ({holder})" + (f", last heartbeat {age:.0f} s ago" if age is not None else "")
     else:
-        daemon = f"not running (last heartbeat {beat['at']})" if beat else "not running (never started on this store)"
+        daemon = f"not running (last heartbeat {beat['at']})" if beat else "not running"
     today = datetime.now(timezone.utc).date().isoformat()
     collected = [e.payload for e in store.events(kind="collected") if e.created_at.startswith(today)]
     errors = [f"{e.created_at[:19]} {e.payload.get('job', '')}: {e.payload.get('error', '')}" for e in store.events(kind="error")[-3:]]

@@ -68,3 +68,20 @@ def test_cli_refusal_exits_1_with_the_reason(store, tmp_path):
     assert ok.exit_code == 0 and "v0001 promoted by ana" in ok.output
     again = CliRunner().invoke(main, ["approve", "v0001", "--by", "ana", "--db", db])
     assert again.exit_code == 1 and "refused: v0001 is already promoted" in again.output
+
+
+def test_status_sees_the_lock_and_the_queue(store, tmp_path):
+    from loop.daemon import AlreadyRunning, lock_store
+    from loop.status import status
+
+    db = tmp_path / "a.db"
+    st = status(store, db)
+    assert not st.daemon_alive and st.promoted == "base" and st.awaiting_approval == ["v0001", "v0002"]
+    handle = lock_store(db)
+    try:
+        assert status(store, db).daemon_alive and f"pid {__import__('os').getpid()}" in status(store, db).daemon
+        with pytest.raises(AlreadyRunning, match="another apprentice run is using"):
+            lock_store(db)
+    finally:
+        handle.close()
+    assert not status(store, db).daemon_alive
