@@ -2,7 +2,6 @@
 SIGKILL in the middle of training without losing rows, refuses a second instance, and stops on
 SIGTERM with exit code 0."""
 
-import os
 import signal
 import subprocess
 import sys
