@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 from environments.builtin import build_packs
 from environments.episode import SupportEpisode
 from policies.hf import HFStudent
 from policies.models import DEFAULT_MODEL, resolve_model
 from policies.protocol import render_messages
+from report import publish  # bench/report.py: the script's folder is on sys.path
 
 
 def prompt_lengths(student: HFStudent) -> list[int]:
@@ -74,11 +74,7 @@ def main() -> None:
         "",
         f"prompt tokens over {len(lengths)} oracle-visited states: median {statistics.median(lengths):.0f}, max {max(lengths)}",
     ]
-    report = "\n".join(lines) + "\n"
-    print(report)
-    out = Path(__file__).parent / "reports" / "rollout.md"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(report)
+    publish("rollout", lines)
 
 
 if __name__ == "__main__":

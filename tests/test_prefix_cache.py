@@ -9,6 +9,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from tests.test_hf_student import TICKETS
 from policies.hf import MIN_CACHED_PREFIX, HFStudent
 
 # Long enough that the rendered system turn is well past MIN_CACHED_PREFIX tokens, like a company policy.
@@ -19,14 +20,6 @@ POLICY = (
     '{"action": "search_kb", "args": {"query": "..."}}, {"action": "reply", "message": "..."} or '
     '{"action": "escalate", "reason": "..."}.'
 )
-TICKETS = [
-    "Hi",
-    "Where is my order A-10293? I ordered it two weeks ago and nothing came.",
-    "Refund please",
-    "Can you help me change the email on my account, it is the old one from work",
-    "ok",
-    "My card was charged twice for the same order last night",
-]
 SHARED = [[{"role": "system", "content": POLICY}, {"role": "user", "content": t}] for t in TICKETS]
 # Different system messages: the rows share only the template's first few tokens.
 UNSHARED = [
