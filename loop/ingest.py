@@ -62,9 +62,10 @@ def _action_from_tool_call(call: dict, content: str) -> Action:
     return Action(thought=thought, action=name, args=args, message=message)
 
 
-def _parse_openai(obj: dict) -> tuple[list[Entry], list[Action]]:
+def parse_openai_messages(messages: list[dict]) -> tuple[list[Entry], list[Action]]:
+    """The transcript and the agent's actions of OpenAI-style messages (system messages are skipped)."""
     transcript, actions = [], []
-    for i, m in enumerate(obj["messages"]):
+    for i, m in enumerate(messages):
         role, content = m.get("role"), m.get("content") or ""
         if role == "user":
             transcript.append(Entry("customer", content))
@@ -115,7 +116,7 @@ def parse_trace(line: str, companies: set[str]) -> Trace:
     if obj.get("company") not in companies:
         raise TraceError(f"unknown company {obj.get('company')!r} (known: {', '.join(sorted(companies))})")
     if isinstance(obj.get("messages"), list):
-        fmt, (transcript, actions) = "openai", _parse_openai(obj)
+        fmt, (transcript, actions) = "openai", parse_openai_messages(obj["messages"])
     elif isinstance(obj.get("steps"), list):
         fmt, (transcript, actions) = "native", _parse_native(obj)
     else:

@@ -45,11 +45,14 @@ def _example_messages(pack: Pack, trace, first_error: int, replacement: Action) 
     return render_messages(pack.company, prefix) + [{"role": "assistant", "content": replacement.to_json()}]
 
 
-def correct_traces(store: Store, teacher: Teacher, packs: list[Pack], *, agreements: int = 2, weight: float = 1.0) -> ProductionSummary:
-    """Judge every accepted trace; store corrections, training rows and review items."""
+def correct_traces(store: Store, teacher: Teacher, packs: list[Pack], *, agreements: int = 2, weight: float = 1.0,
+                   only: str | None = None) -> ProductionSummary:
+    """Judge every accepted trace (or just the trace `only`); store corrections, training rows and review items."""
     by_id = {p.id: p for p in packs}
     summary = ProductionSummary()
     for row in store.traces(status="accepted"):
+        if only is not None and row.id != only:
+            continue
         pack = by_id[row.company_id]
         trace = parse_trace(row.raw, set(by_id))
         trajectory = Trajectory(trace.actions, trace.transcript)

@@ -46,6 +46,7 @@ class RoundSettings:
     min_valid_json: float = 0.99
     max_regression: float = 0.02
     auto_approve: bool = False
+    collect_with: str = "promoted"  # "promoted" | "newest"
     seed: int = 0
 
 
@@ -101,7 +102,7 @@ def collect(rt: Runtime, round_no: int) -> RoundSummary:
     store, s = rt.store, rt.settings
     register_packs(store, rt.packs)
     ensure_base_evaluated(rt)
-    collector = collecting_adapter(store)
+    collector = collecting_adapter(store, s.collect_with)
     clock = time.perf_counter()
     warm = s.method == "offline" or store.count("examples") == 0
     summary = RoundSummary(round_no, f"teacher:{rt.teacher.name}" if warm else (collector or "base"))
@@ -126,7 +127,7 @@ def collect(rt: Runtime, round_no: int) -> RoundSummary:
 def retrain(rt: Runtime, round_no: int, summary: RoundSummary) -> RoundSummary:
     """Train a fresh adapter on everything collected so far, evaluate it, and gate it."""
     store, s = rt.store, rt.settings
-    collector = collecting_adapter(store)
+    collector = collecting_adapter(store, s.collect_with)
 
     # 3. dataset: every accepted example of every round, held-out companies refused.
     heldout = {p.id for p in rt.heldout_packs}
@@ -187,9 +188,16 @@ def examples_since_training(store: Store) -> int:
     return sum((e.id or 0) > through for e in store.examples())
 
 
-def collecting_adapter(store: Store) -> str | None:
-    """The adapter that collects: the promoted one, else the newest that passed the gate (simulated
-    customers are safe to serve with an unapproved adapter), else None for the base model."""
+def collecting_adapter(store: Store, collect_with: str = "promoted") -> str | None:
+    """The adapter that collects (None = the base model).
+
+    promoted: the promoted one, else the newest that passed the gate (simulated customers are
+    safe to serve with an unapproved adapter). newest: the newest trained adapter whatever the
+    gate said, unless an operator rejected or retired it: SCoRe corrects the learner's own
+    mistakes, which the base model, emitting no valid action, does not make."""
+    if collect_with == "newest":
+        trained = [a for a in store.adapters() if a.status in ("candidate", "rejected_by_gate", "awaiting_approval", "promoted")]
+        return trained[-1].version if trained else None
     promoted = store.promoted_version()
     if promoted:
         return promoted

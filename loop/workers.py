@@ -22,6 +22,13 @@ class AdapterSwapError(RuntimeError):
     pass
 
 
+def check_probe(path: str | Path, got: list[float], where: str) -> None:
+    """Raise unless `got` (probe log-probs computed after loading `path`) matches the trainer's."""
+    expected = json.loads((Path(path) / PROBE_FILE).read_text())["logprobs"]
+    if max(abs(a - b) for a, b in zip(got, expected)) > PROBE_TOLERANCE:
+        raise AdapterSwapError(f"adapter {path} is not live on {where}: probe {got} != trainer's {expected}")
+
+
 @dataclass(frozen=True)
 class StudentOptions:
     """What `HFStudent` takes, as plain values that travel to the actors."""
@@ -87,10 +94,8 @@ class RayStudentPool:
             return  # already live on every worker (verified when it was loaded); workers start on the base
         values = ray.get([w.load_adapter.remote(str(path) if path else None) for w in self._workers])
         if path is not None:
-            expected = json.loads((Path(path) / PROBE_FILE).read_text())["logprobs"]
             for got in values:
-                if max(abs(a - b) for a, b in zip(got, expected)) > PROBE_TOLERANCE:
-                    raise AdapterSwapError(f"adapter {path} is not live on a rollout worker: probe {got} != trainer's {expected}")
+                check_probe(path, got, "a rollout worker")
         self.adapter_id = name
 
     def shutdown(self) -> None:

@@ -357,6 +357,44 @@ def ingest_cmd(files: tuple[Path, ...], config_file: Path | None, sets: tuple[st
         sys.exit(1)
 
 
+@main.command("serve")
+@_config_option
+@_set_option
+@click.option("--db", default=None, help="SQLite store (config: db).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (keep loopback unless a proxy fronts it).")
+@click.option("--port", type=int, default=8000, show_default=True, help="Port to listen on.")
+@click.option("--token-env", default="APPRENTICE_TOKEN", show_default=True, help="Environment variable holding the bearer token clients must send.")
+@click.option("--max-body-bytes", type=int, default=64_000, show_default=True, help="Larger requests get 413.")
+@click.option("--max-messages", type=int, default=64, show_default=True, help="Conversations with more messages get 422.")
+@click.option("--json-mode", is_flag=True, help="Constrain the student's output to start and end as one JSON object.")
+def serve_cmd(config_file: Path | None, sets: tuple[str, ...], db: str | None, host: str, port: int, token_env: str,
+              max_body_bytes: int, max_messages: int, json_mode: bool) -> None:
+    """Answer OpenAI chat completions with the promoted adapter; the model name is a company pack id.
+
+    Every answer is stored as a production trace; POST /v1/feedback with a completion's id and a
+    failure note sends it to the teacher for correction. The adapter follows promotions.
+    """
+    import os
+
+    import uvicorn
+
+    from ops.run import build_packs, build_teacher
+    from ops.serve import Limits, Service, create_app
+    from policies.hf import HFStudent
+    from policies.models import resolve_model
+
+    token = os.environ.get(token_env)
+    if not token:
+        raise click.UsageError(f"set {token_env} to the bearer token clients must send (see --token-env)")
+    cfg = _config(config_file, sets, db=db)
+    packs = build_packs(cfg)
+    student = HFStudent(resolve_model(cfg.model), load_in_4bit=cfg.load_in_4bit, batch_size=1, max_new_tokens=cfg.max_new_tokens,
+                        json_mode=json_mode, seed=cfg.seed)
+    service = Service(cfg.db, packs, student, build_teacher(cfg), token=token, agreements=cfg.production_agreements,
+                      weight=cfg.production_weight, limits=Limits(max_body_bytes=max_body_bytes, max_messages=max_messages))
+    uvicorn.run(create_app(service), host=host, port=port, log_level="info")
+
+
 @main.group("review", invoke_without_command=True)
 @_config_option
 @_set_option

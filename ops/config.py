@@ -44,11 +44,12 @@ class Config:
     max_repairs: int = _f(3, "Teacher repairs per trajectory at most.")
     keep_clean: float = _f(0.5, "Probability of keeping a trajectory that needed no repair.")
     escalation_share: float = _f(0.3, "Share of training assistant turns that are escalations (oversampled up to it).")
+    collect_with: Literal["promoted", "newest"] = _f("promoted", "Who rolls out in SCoRe rounds: the promoted adapter (else the newest that passed the gate, else base), or the newest trained adapter even if the gate refused it.")
     eval_tickets: int = _f(30, "Held-out tickets per company in the fixed evaluation set.")
     # training
     lora_r: int = _f(16, "LoRA rank.")
     lora_alpha: int = _f(32, "LoRA alpha.")
-    lora_dropout: float = _f(0.05, "LoRA dropout.")
+    lora_dropout: float = _f(0.0, "LoRA dropout (0 = none; on CPU dropout costs ~15% of a training step).")
     epochs: float = _f(1.0, "Passes over the training set per adapter.")
     learning_rate: float = _f(3e-4, "Peak learning rate (cosine decay).")
     train_batch_size: int = _f(4, "Conversations per training step.")
@@ -79,8 +80,10 @@ class Config:
         for name in ("keep_clean", "escalation_share", "min_valid_json", "max_regression"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
-        if self.method not in get_args(get_type_hints(Config)["method"]):
-            raise ValueError(f"method must be score or offline, got {self.method!r}")
+        for name in ("method", "collect_with"):
+            allowed = get_args(get_type_hints(Config)[name])
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.warm_start_tickets < 0 or self.rollout_tickets < 0 or self.epochs <= 0:
             raise ValueError("warm_start_tickets and rollout_tickets must be >= 0, epochs > 0")
 

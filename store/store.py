@@ -187,9 +187,11 @@ class Store:
             self.db["traces"].insert(to_record(row))
             return True
 
-    def set_trace_status(self, trace_id: str, status: str, *, error: str | None = None) -> None:
+    def set_trace_status(self, trace_id: str, status: str, *, error: str | None = None, failure_note: str | None = None) -> None:
+        """New status (and error); a `failure_note`, when given, is recorded too."""
+        note = {} if failure_note is None else {"failure_note": failure_note}
         with self.transaction():
-            self._update("traces", trace_id, status=status, error=error, updated_at=utc_now())
+            self._update("traces", trace_id, status=status, error=error, updated_at=utc_now(), **note)
 
     def trace(self, trace_id: str) -> TraceRow | None:
         rows = self._select(TraceRow, "traces", "id", id=trace_id)

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from loop.train import PROBE_FILE, LoraSettings, train_adapter
+from loop.train import PROBE_FILE, LoraSettings, train_adapter, trained_token_loss
 from policies.models import training_template
 
 CONVERSATION = [
@@ -26,6 +26,19 @@ def test_assistant_mask_covers_exactly_the_assistant_turns(smollm2_tokenizer):
     trained = smollm2_tokenizer.decode([i for i, m in zip(ids, mask) if m])
     expected = "".join(m["content"] + "<|im_end|>" for m in CONVERSATION if m["role"] == "assistant")
     assert trained == expected
+
+
+def test_trained_token_loss_equals_the_full_causal_lm_loss(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ids = torch.randint(0, model.config.vocab_size, (3, 24))
+    mask = torch.ones_like(ids)
+    mask[2, 18:] = 0  # right padding on one row
+    labels = torch.full_like(ids, -100)
+    labels[0, 5:9], labels[1, 12:20], labels[2, 3:6] = ids[0, 5:9], ids[1, 12:20], ids[2, 3:6]  # different spans per row
+    with torch.no_grad():
+        fast, _ = trained_token_loss(model, ids, mask, labels)
+        full = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert torch.allclose(fast, full, atol=1e-5)
 
 
 def test_training_changes_adapter_not_base(tiny_model_dir, tmp_path):

@@ -1,0 +1,201 @@
+"""`apprentice serve`: the promoted adapter behind an OpenAI-compatible endpoint.
+
+    APPRENTICE_TOKEN=... apprentice serve            # http://127.0.0.1:8000
+    POST /v1/chat/completions {"model": "<company id>", "messages": [...]}
+         → the student's next action, as the assistant message's JSON content
+    POST /v1/feedback {"conversation_id": "<a completion's id>", "failure_note": "..."}
+         → the teacher corrects that conversation, as it does ingested traces
+    GET  /v1/models (the companies), GET /healthz (no token needed)
+
+Messages follow the ingest format: user turns are the customer, `tool` turns are the results of
+the agent's actions (your bot runs them), assistant turns are earlier actions (JSON content or
+`tool_calls`); the system prompt is the company pack's policy, so a client's is ignored.
+Every answer is stored as a production trace with status `served`, named by the completion's id;
+feedback turns it into a reported failure. Before each answer the server checks the store's
+promoted pointer and swaps adapters (verified by the probe log-probs) when it moved.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from environments.pack import Pack
+from loop.ingest import TraceError, parse_openai_messages
+from loop.production import correct_traces
+from loop.records import register_packs
+from loop.train import PROBE_TEXTS
+from loop.workers import check_probe
+from policies.hf import HFStudent
+from policies.protocol import parse_action, render_messages
+from policies.teacher import OracleTeacher, Teacher
+from store import Store, TraceRow
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # name, tool_call_id, ... are accepted and ignored
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | None = None
+    tool_calls: list[dict] | None = None
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # temperature, max_tokens, ...: decoding is the server's
+    model: str = Field(description="The company pack id.")
+    messages: list[ChatMessage]
+
+
+class FeedbackRequest(BaseModel):
+    conversation_id: str
+    failure_note: str = Field(min_length=1, max_length=4000)
+
+
+@dataclass
+class Limits:
+    max_body_bytes: int = 64_000
+    max_messages: int = 64
+
+
+class Service:
+    """What the endpoints share. One student, one lock: generation and adapter swaps take turns."""
+
+    def __init__(self, db: str | Path, packs: list[Pack], student: HFStudent, teacher: Teacher, *, token: str,
+                 agreements: int = 2, weight: float = 1.0, limits: Limits = Limits()):
+        self.db, self.student, self.teacher, self.token = db, student, teacher, token
+        self.packs = {p.id: p for p in packs}
+        self.agreements, self.weight, self.limits = agreements, weight, limits
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        register_packs(self.store, packs)
+
+    @property
+    def store(self) -> Store:
+        """This thread's connection (requests run on a pool of threads; a connection stays in its own)."""
+        if not hasattr(self._local, "store"):
+            self._local.store = Store.open(self.db)
+        return self._local.store
+
+    def _follow_promotion(self) -> None:
+        promoted = self.store.promoted_version()
+        if promoted != self.student.adapter_id:
+            path = Path(self.store.adapter(promoted).path) if promoted else None
+            self.student.load_adapter(path)
+            if path is not None:
+                check_probe(path, self.student.probe_logprobs(list(PROBE_TEXTS)), "the server")
+
+    def complete(self, request: ChatRequest) -> dict:
+        pack = self.packs.get(request.model)
+        if pack is None:
+            raise ApiError(404, f"unknown model {request.model!r}: the model is a company pack id ({', '.join(sorted(self.packs))})",
+                           "model_not_found")
+        if len(request.messages) > self.limits.max_messages:
+            raise ApiError(422, f"{len(request.messages)} messages, over the limit of {self.limits.max_messages}")
+        messages = [m.model_dump(exclude_none=True) for m in request.messages if m.role not in ("system", "developer")]
+        if not any(m["role"] == "user" for m in messages):
+            raise ApiError(422, "no user message: the conversation needs the customer's words")
+        try:
+            transcript, _ = parse_openai_messages(messages)
+        except TraceError as e:
+            raise ApiError(422, str(e)) from None
+        with self._lock:
+            self._follow_promotion()
+            generation = self.student.generate_with_info([render_messages(pack.company, transcript)])[0]
+        parsed = parse_action(generation.text)
+        conversation_id = f"chatcmpl-{uuid.uuid4().hex}"
+        raw = json.dumps({"id": conversation_id, "company": pack.id,
+                          "messages": messages + [{"role": "assistant", "content": generation.text}]})
+        error = None if parsed.action else f"served output is not a valid action: {parsed.error}"
+        self.store.add_trace(TraceRow(id=conversation_id, company_id=pack.id, format="openai", raw=raw,
+                                      status="served" if parsed.action else "rejected", error=error, source_file="serve"))
+        return {
+            "id": conversation_id, "object": "chat.completion", "created": int(time.time()), "model": pack.id,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": generation.text}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": generation.prompt_tokens, "completion_tokens": generation.completion_tokens,
+                      "total_tokens": generation.prompt_tokens + generation.completion_tokens},
+            "apprentice": {"conversation_id": conversation_id, "adapter": generation.adapter_id or "base",
+                           "valid": parsed.action is not None, "error": error},
+        }
+
+    def feedback(self, request: FeedbackRequest) -> dict:
+        trace = self.store.trace(request.conversation_id)
+        if trace is None or trace.source_file != "serve":
+            raise ApiError(404, f"no served conversation {request.conversation_id!r}", "not_found")
+        if trace.status != "served":
+            detail = f": {trace.error}" if trace.error else ""
+            raise ApiError(409, f"conversation {trace.id} is {trace.status}{detail}; feedback needs a served one", "conflict")
+        self.store.set_trace_status(trace.id, "accepted", failure_note=request.failure_note)
+        if isinstance(self.teacher, OracleTeacher):  # it needs a simulated ticket's truth
+            return {"conversation_id": trace.id, "status": "accepted",
+                    "detail": "stored as a failure; the oracle teacher cannot judge production traces, configure a litellm teacher"}
+        summary = correct_traces(self.store, self.teacher, list(self.packs.values()), agreements=self.agreements,
+                                 weight=self.weight, only=trace.id)
+        corrections = [c.id for e in self.store.episodes(trace_id=trace.id) for c in self.store.corrections(episode_id=e.id)]
+        return {"conversation_id": trace.id, "status": self.store.trace(trace.id).status,  # type: ignore[union-attr]
+                "corrected": summary.corrected, "review": summary.review, "correction_ids": corrections}
+
+
+def create_app(service: Service) -> FastAPI:
+    app = FastAPI(title="apprentice", summary="The promoted support-agent adapter, OpenAI-compatible.")
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, e: ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        return JSONResponse({"error": {"message": e.message, "type": e.kind, "code": e.status}}, e.status, headers=headers)
+
+    def authorize(request: Request) -> None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), service.token.encode()):
+            raise ApiError(401, "missing or wrong bearer token", "authentication_error")
+
+    async def read(request: Request, model: type[BaseModel]):
+        """Auth, then size, then shape: 401, 413, 422 (each a JSON error)."""
+        authorize(request)
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > service.limits.max_body_bytes:
+            raise ApiError(413, f"request body of {declared} bytes, over the limit of {service.limits.max_body_bytes}")
+        body = await request.body()
+        if len(body) > service.limits.max_body_bytes:
+            raise ApiError(413, f"request body of {len(body)} bytes, over the limit of {service.limits.max_body_bytes}")
+        try:
+            return model.model_validate_json(body)
+        except ValidationError as e:
+            first = e.errors()[0]
+            raise ApiError(422, f"{'.'.join(str(x) for x in first['loc']) or 'body'}: {first['msg']}") from None
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"status": "ok", "adapter": service.student.adapter_id or "base", "promoted": service.store.promoted_version() or "base"}
+
+    @app.get("/v1/models")
+    def models(request: Request) -> dict:
+        authorize(request)
+        return {"object": "list", "data": [{"id": pid, "object": "model", "owned_by": "apprentice"} for pid in sorted(service.packs)]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> dict:
+        body = await read(request, ChatRequest)
+        return await run_in_threadpool(service.complete, body)
+
+    @app.post("/v1/feedback")
+    async def feedback(request: Request) -> dict:
+        body = await read(request, FeedbackRequest)
+        return await run_in_threadpool(service.feedback, body)
+
+    return app
