@@ -13,7 +13,7 @@ from environments.actions import Action
 from environments.pack import Pack
 from loop.ingest import parse_trace
 from policies.protocol import render_messages
-from policies.teacher import Judgement, Teacher, TeacherContext, Trajectory
+from policies.teacher import Judgement, Teacher, TeacherContext, Trajectory, Usage
 from store import CorrectionRow, DecisionRow, EpisodeRow, ExampleRow, StepRow, Store
 
 
@@ -26,6 +26,7 @@ class ProductionSummary:
     corrected: int = 0
     no_error: int = 0
     review: int = 0
+    usage: Usage = Usage()
 
 
 def _key(j: Judgement) -> tuple:
@@ -58,7 +59,11 @@ def correct_traces(store: Store, teacher: Teacher, packs: list[Pack], *, agreeme
         trajectory = Trajectory(trace.actions, trace.transcript)
         judgements = [teacher.judge(trajectory, TeacherContext(pack, None)) for _ in range(agreements)]
         first = judgements[0]
+        usage = sum((j.usage for j in judgements[1:]), first.usage)
+        summary.usage += usage
         with store.transaction():
+            store.log_event("production_judged", trace_id=row.id, teacher_calls=usage.calls,
+                            teacher_tokens=usage.prompt_tokens + usage.completion_tokens, teacher_cost_usd=usage.cost_usd)
             episode_id = store.add_episode(
                 EpisodeRow(run_kind="production", policy="production", company_id=pack.id, ticket_id=None, trace_id=row.id,
                            outcome="failure_reported" if row.failure_note else "ingested", resolved=None,
@@ -71,7 +76,6 @@ def correct_traces(store: Store, teacher: Teacher, packs: list[Pack], *, agreeme
                 summary.no_error += 1
                 continue
             agree = len({_key(j) for j in judgements}) == 1 and first.replacement is not None
-            usage = sum((j.usage for j in judgements[1:]), first.usage)
             correction_id = store.add_correction(CorrectionRow(
                 episode_id=episode_id, step_idx=first.first_error if first.first_error is not None else 0,
                 student_raw=trace.actions[first.first_error or 0].to_json(),

@@ -191,18 +191,14 @@ def examples_since_training(store: Store) -> int:
 def collecting_adapter(store: Store, collect_with: str = "promoted") -> str | None:
     """The adapter that collects (None = the base model).
 
-    promoted: the promoted one, else the newest that passed the gate (simulated customers are
-    safe to serve with an unapproved adapter). newest: the newest trained adapter whatever the
-    gate said, unless an operator rejected or retired it: SCoRe corrects the learner's own
-    mistakes, which the base model, emitting no valid action, does not make."""
+    promoted: the promoted one (DESIGN.md; an operator's approval is what the workers switch on).
+    newest: the newest trained adapter whatever the gate said, unless an operator rejected or
+    retired it: SCoRe corrects the learner's own mistakes, which a base model that writes no
+    valid action does not make."""
     if collect_with == "newest":
         trained = [a for a in store.adapters() if a.status in ("candidate", "rejected_by_gate", "awaiting_approval", "promoted")]
         return trained[-1].version if trained else None
-    promoted = store.promoted_version()
-    if promoted:
-        return promoted
-    waiting = store.adapters(status="awaiting_approval")
-    return waiting[-1].version if waiting else None
+    return store.promoted_version()
 
 
 def sample_tickets(packs: list[Pack], n: int, *, seed: int) -> list[tuple[Pack, Ticket]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,6 +28,8 @@ class Status:
     teacher_calls_today: int
     teacher_tokens_today: int
     teacher_cost_today_usd: float
+    traces: dict[str, int]  # production traces by status (served, accepted, corrected, review, rejected, ...)
+    production_examples: int  # training rows from corrected production traces
     last_errors: list[str]
 
 
@@ -54,15 +56,16 @@ def status(store: Store, db: str | Path) -> Status:
     else:
         daemon = f"not running (last heartbeat {beat['at']})" if beat else "not running"
     today = datetime.now(timezone.utc).date().isoformat()
-    collected = [e.payload for e in store.events(kind="collected") if e.created_at.startswith(today)]
+    spent = [e.payload for kind in ("collected", "production_judged") for e in store.events(kind=kind) if e.created_at.startswith(today)]
     errors = [f"{e.created_at[:19]} {e.payload.get('job', '')}: {e.payload.get('error', '')}" for e in store.events(kind="error")[-3:]]
     return Status(
         daemon_alive=alive, daemon=daemon, promoted=store.promoted_version() or "base",
         awaiting_approval=[a.version for a in store.adapters(status="awaiting_approval")],
         examples=store.count("examples"), examples_since_training=examples_since_training(store),
-        teacher_calls_today=sum(p.get("teacher_calls", 0) for p in collected),
-        teacher_tokens_today=sum(p.get("teacher_tokens", 0) for p in collected),
-        teacher_cost_today_usd=round(sum(p.get("teacher_cost_usd", 0.0) for p in collected), 4),
+        teacher_calls_today=sum(p.get("teacher_calls", 0) for p in spent),
+        teacher_tokens_today=sum(p.get("teacher_tokens", 0) for p in spent),
+        teacher_cost_today_usd=round(sum(p.get("teacher_cost_usd", 0.0) for p in spent), 4),
+        traces=dict(Counter(t.status for t in store.traces())), production_examples=len(store.examples(source="production")),
         last_errors=errors,
     )
 

@@ -88,8 +88,12 @@ def load_base(model_dir: Path, *, load_in_4bit: bool, device: str):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
 
 
-def train_adapter(model_dir: Path, conversations: list[list[dict[str, str]]], out_dir: Path, settings: LoraSettings, *, progress: bool = True) -> TrainResult:
-    """Train a fresh LoRA adapter on `conversations`, save it (and its probe values) to `out_dir`."""
+def train_adapter(model_dir: Path, conversations: list[list[dict[str, str]]], out_dir: Path, settings: LoraSettings, *,
+                  progress: bool = True, trl_defaults: bool = False) -> TrainResult:
+    """Train a fresh LoRA adapter on `conversations`, save it (and its probe values) to `out_dir`.
+
+    trl_defaults: TRL's own loss and its default gradient checkpointing instead (bench/train.py
+    compares the two)."""
     if not conversations:
         raise ValueError("no training conversations")
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -104,10 +108,10 @@ def train_adapter(model_dir: Path, conversations: list[list[dict[str, str]]], ou
             output_dir=scratch, assistant_only_loss=True, max_length=settings.max_length,
             per_device_train_batch_size=settings.batch_size, gradient_accumulation_steps=settings.grad_accum,
             num_train_epochs=settings.epochs, learning_rate=settings.learning_rate, lr_scheduler_type="cosine",
-            warmup_steps=0, logging_steps=5, save_strategy="no", gradient_checkpointing=False, report_to=[], seed=settings.seed,
+            warmup_steps=0, logging_steps=5, save_strategy="no", gradient_checkpointing=trl_defaults, report_to=[], seed=settings.seed,
             use_cpu=device == "cpu", bf16=device == "cuda", disable_tqdm=not progress, dataloader_num_workers=0,
         )
-        trainer = AssistantLossTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
+        trainer = (SFTTrainer if trl_defaults else AssistantLossTrainer)(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
         tokens_per_epoch = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
         start = time.perf_counter()
         output = trainer.train()

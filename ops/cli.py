@@ -323,7 +323,8 @@ def adapters_show(ctx: click.Context, version: str, changed: int) -> None:
 @_config_option
 @_set_option
 @click.option("--db", default=None, help="SQLite store (config: db).")
-def ingest_cmd(files: tuple[Path, ...], config_file: Path | None, sets: tuple[str, ...], db: str | None) -> None:
+@click.option("--correct", is_flag=True, help="Then have the configured (litellm) teacher correct every accepted trace now, as the daemon's inbox job does.")
+def ingest_cmd(files: tuple[Path, ...], config_file: Path | None, sets: tuple[str, ...], db: str | None, correct: bool) -> None:
     """Store production traces (JSONL, OpenAI-messages or native format), one per line.
 
     Each line is validated on its own: a bad line is stored as rejected with an error naming it,
@@ -355,6 +356,17 @@ def ingest_cmd(files: tuple[Path, ...], config_file: Path | None, sets: tuple[st
         click.echo(f"  ... and {len(total.errors) - 10} more (see the traces table)")
     if total.readable == 0:
         sys.exit(1)
+    if correct:
+        from loop.production import correct_traces
+        from ops.run import build_teacher
+        from policies.teacher import OracleTeacher
+
+        teacher = build_teacher(cfg)
+        if isinstance(teacher, OracleTeacher):
+            raise click.UsageError("--correct needs a litellm teacher (--set teacher=...): the oracle knows only simulated tickets")
+        summary = correct_traces(store, teacher, packs, agreements=cfg.production_agreements, weight=cfg.production_weight)
+        click.echo(f"corrected {summary.corrected}, review {summary.review}, no error {summary.no_error} "
+                   f"({summary.usage.calls} teacher calls, ${summary.usage.cost_usd:.4f})")
 
 
 @main.command("serve")
@@ -472,6 +484,8 @@ def status_cmd(db: str, as_json: bool) -> None:
     console.print(f"promoted: {st.promoted}; awaiting approval: {', '.join(st.awaiting_approval) or 'none'}")
     console.print(f"examples: {st.examples} ({st.examples_since_training} since the last training)")
     console.print(f"teacher today: {st.teacher_calls_today} calls, {st.teacher_tokens_today} tokens, ${st.teacher_cost_today_usd:.4f}")
+    traces = ", ".join(f"{n} {state}" for state, n in sorted(st.traces.items())) or "none"
+    console.print(f"production traces: {traces}; {st.production_examples} production training rows")
     for line in st.last_errors or ["none"]:
         console.print(f"last errors: {line}" if line != "none" else "last errors: none")
 

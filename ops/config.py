@@ -44,7 +44,7 @@ class Config:
     max_repairs: int = _f(3, "Teacher repairs per trajectory at most.")
     keep_clean: float = _f(0.5, "Probability of keeping a trajectory that needed no repair.")
     escalation_share: float = _f(0.3, "Share of training assistant turns that are escalations (oversampled up to it).")
-    collect_with: Literal["promoted", "newest"] = _f("promoted", "Who rolls out in SCoRe rounds: the promoted adapter (else the newest that passed the gate, else base), or the newest trained adapter even if the gate refused it.")
+    collect_with: Literal["promoted", "newest"] = _f("promoted", "Who rolls out in SCoRe rounds: the promoted adapter (else the base model), or the newest trained adapter even if the gate refused it.")
     eval_tickets: int = _f(30, "Held-out tickets per company in the fixed evaluation set.")
     # training
     lora_r: int = _f(16, "LoRA rank.")

@@ -31,14 +31,14 @@ class Answer:
 
 
 class OpenAIStub:
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.requests: list[dict] = []
         self.max_active = 0  # most requests in flight at once
         self._answers: deque[Answer] = deque()
         self._active = 0
         self._lock = threading.Condition()
         self._wake = threading.Event()  # set by reset(): cuts short the delays of answers nobody waits for
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), _handler(self))
         self._server.daemon_threads = True  # a slow answer whose client gave up must not block close()
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 

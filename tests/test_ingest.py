@@ -141,3 +141,22 @@ def test_disagreeing_judgements_wait_for_review_then_accept_or_reject(tmp_path):
     assert store.count("examples") == 1 and review_items(store) == []
     assert [(d.action, d.by) for d in store.decisions()] == [("review_accept", "ana"), ("review_reject", "ana")]
     assert {store.trace("p1").status, store.trace("p2").status} == {"corrected", "review_rejected"}
+
+
+def test_cli_ingest_correct_with_a_litellm_teacher(tmp_path, monkeypatch):
+    from tests.openai_stub import OpenAIStub
+
+    path = tmp_path / "t.jsonl"
+    path.write_text(openai_line("c1") + "\n")
+    args = ["ingest", str(path), "--correct", "--set", "packs=tests/data/acme", "--db", str(tmp_path / "a.db")]
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 2 and "needs a litellm teacher" in refused.output
+    judgement = json.dumps({"first_error": 1, "replacement": ESCALATE.model_dump(), "rationale": "outside the window"})
+    monkeypatch.setenv("STAND_IN_KEY", "test")
+    with OpenAIStub() as stub:
+        stub.enqueue([judgement, judgement])
+        done = CliRunner().invoke(main, [*args, "--set", "teacher=openai/stand-in", "--set", f"teacher_api_base={stub.base_url}",
+                                         "--set", "teacher_redact=false", "--set", "teacher_api_key_env=STAND_IN_KEY"])
+    assert done.exit_code == 0, done.output
+    assert "corrected 1, review 0, no error 0 (2 teacher calls" in done.output
+    assert Store.open(tmp_path / "a.db").trace("c1").status == "corrected"

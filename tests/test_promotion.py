@@ -90,7 +90,7 @@ def test_status_sees_the_lock_and_the_queue(store, tmp_path):
 def test_collecting_adapter_promoted_or_newest(store):
     from loop.round import collecting_adapter
 
-    assert collecting_adapter(store, "promoted") == "v0002"  # nothing promoted: the newest that passed the gate
+    assert collecting_adapter(store, "promoted") is None  # nothing promoted: the base model
     assert collecting_adapter(store, "newest") == "v0003"  # the gate refused it, but it is the learner's latest
     approve(store, "v0001", by="ana")
     assert collecting_adapter(store, "promoted") == "v0001"

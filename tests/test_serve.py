@@ -16,6 +16,7 @@ from environments.actions import Action
 from environments.episode import Entry
 from environments.pack import load_pack
 from loop.promotion import approve
+from loop.status import status
 from loop.train import LoraSettings, train_adapter
 from ops.serve import Limits, Service, create_app
 from policies.hf import HFStudent
@@ -132,3 +133,5 @@ def test_feedback_sends_the_conversation_to_correction(tmp_path, tiny_model_dir,
     assert trace.failure_note == "customer wanted a refund" and trace.status == "corrected"
     again = client.post("/v1/feedback", headers=AUTH, json={"conversation_id": served["id"], "failure_note": "again"})
     assert again.status_code == 409
+    st = status(service.store, service.db)  # what `apprentice status` prints
+    assert st.traces == {"corrected": 1} and st.production_examples == 1 and st.teacher_calls_today == 2
