@@ -36,7 +36,7 @@ from loop.ingest import TraceError, parse_openai_messages
 from loop.production import correct_traces
 from loop.records import register_packs
 from loop.train import PROBE_TEXTS
-from loop.workers import check_probe
+from loop.workers import AdapterSwapError, check_probe
 from policies.hf import HFStudent
 from policies.protocol import parse_action, render_messages
 from policies.teacher import OracleTeacher, Teacher
@@ -98,7 +98,11 @@ class Service:
             path = Path(self.store.adapter(promoted).path) if promoted else None
             self.student.load_adapter(path)
             if path is not None:
-                check_probe(path, self.student.probe_logprobs(list(PROBE_TEXTS)), "the server")
+                try:
+                    check_probe(path, self.student.probe_logprobs(list(PROBE_TEXTS)), "the server")
+                except AdapterSwapError as e:
+                    self.student.load_adapter(None)  # never answer with an adapter that did not verify
+                    raise ApiError(503, str(e), "adapter_unavailable") from None
 
     def complete(self, request: ChatRequest) -> dict:
         pack = self.packs.get(request.model)

@@ -135,3 +135,19 @@ def test_feedback_sends_the_conversation_to_correction(tmp_path, tiny_model_dir,
     assert again.status_code == 409
     st = status(service.store, service.db)  # what `apprentice status` prints
     assert st.traces == {"corrected": 1} and st.production_examples == 1 and st.teacher_calls_today == 2
+
+
+def test_an_adapter_that_fails_its_probe_is_not_served(tmp_path, tiny_model_dir, adapter):
+    import shutil
+
+    stale = tmp_path / "v0002"
+    shutil.copytree(adapter, stale)
+    probe = json.loads((stale / "probe.json").read_text())
+    (stale / "probe.json").write_text(json.dumps({**probe, "logprobs": [x - 1.0 for x in probe["logprobs"]]}))
+    service = make_service(tmp_path, tiny_model_dir, adapter)
+    service.store.add_adapter(AdapterRow(version="v0002", parent=None, path=str(stale), base_model="tiny", status="awaiting_approval"))
+    approve(service.store, "v0002", by="ana")
+    client = TestClient(create_app(service))
+    answer = ask(client)
+    assert answer.status_code == 503 and "not live on the server" in answer.json()["error"]["message"]
+    assert client.get("/healthz").json()["adapter"] == "base"
