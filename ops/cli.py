@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections import Counter
 from pathlib import Path
@@ -15,6 +16,9 @@ from environments.actions import REASONS, RESOLUTIONS
 from environments.pack import Pack, PackError, check_pack, load_packs
 
 console = Console(width=None if sys.stdout.isatty() else 200)
+# bitsandbytes asks, on every import on a CPU with AVX512-BF16, for a kernel it would download from
+# a hub at run time; apprentice never downloads, and its fallback is what runs.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -38,6 +38,7 @@ from loop.records import register_packs
 from loop.train import PROBE_TEXTS
 from loop.workers import AdapterSwapError, check_probe
 from policies.hf import HFStudent
+from policies.litellm_teacher import BudgetExceeded, TeacherError
 from policies.protocol import parse_action, render_messages
 from policies.teacher import OracleTeacher, Teacher
 from store import Store, TraceRow
@@ -148,8 +149,12 @@ class Service:
         if isinstance(self.teacher, OracleTeacher):  # it needs a simulated ticket's truth
             return {"conversation_id": trace.id, "status": "accepted",
                     "detail": "stored as a failure; the oracle teacher cannot judge production traces, configure a litellm teacher"}
-        summary = correct_traces(self.store, self.teacher, list(self.packs.values()), agreements=self.agreements,
-                                 weight=self.weight, only=trace.id)
+        try:
+            summary = correct_traces(self.store, self.teacher, list(self.packs.values()), agreements=self.agreements,
+                                     weight=self.weight, only=trace.id)
+        except (TeacherError, BudgetExceeded) as e:
+            raise ApiError(502, f"stored as a failure, but the teacher failed: {e}; `apprentice ingest --correct` or the "
+                                "daemon's inbox job corrects it later", "teacher_error") from None
         corrections = [c.id for e in self.store.episodes(trace_id=trace.id) for c in self.store.corrections(episode_id=e.id)]
         return {"conversation_id": trace.id, "status": self.store.trace(trace.id).status,  # type: ignore[union-attr]
                 "corrected": summary.corrected, "review": summary.review, "correction_ids": corrections}

@@ -151,3 +151,17 @@ def test_an_adapter_that_fails_its_probe_is_not_served(tmp_path, tiny_model_dir,
     answer = ask(client)
     assert answer.status_code == 503 and "not live on the server" in answer.json()["error"]["message"]
     assert client.get("/healthz").json()["adapter"] == "base"
+
+
+def test_feedback_when_the_teacher_fails_keeps_the_failure(tmp_path, tiny_model_dir, adapter):
+    with OpenAIStub() as stub:  # nothing scripted: it answers 400, which is not retried
+        teacher = LiteLLMTeacher("openai/teacher-test", api_base=stub.base_url, api_key="test", timeout_s=5, backoff_s=0.001,
+                                 redact=False)
+        service = make_service(tmp_path, tiny_model_dir, adapter, teacher)
+        approve(service.store, "v0001", by="ana")
+        client = TestClient(create_app(service))
+        served = ask(client).json()
+        result = client.post("/v1/feedback", headers=AUTH, json={"conversation_id": served["id"], "failure_note": "wrong"})
+    assert result.status_code == 502 and "ingest --correct" in result.json()["error"]["message"]
+    trace = service.store.trace(served["id"])
+    assert trace.status == "accepted" and trace.failure_note == "wrong"  # waits for the next correction
