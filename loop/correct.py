@@ -14,6 +14,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Literal
 
+from tqdm import tqdm
+
 from environments.actions import Action
 from environments.episode import SupportEpisode
 from loop.evaluate import advance
@@ -62,18 +64,21 @@ def score_correct(
     max_repairs: int = 3,
     keep_clean: float = 0.5,
     rng: random.Random,
+    progress: bool = False,
 ) -> list[Corrected]:
     """SCoRe over finished student episodes; students continue in one batch per repair round."""
     items = [Corrected(e, e) for e in episodes]
     to_judge = list(items)
-    while to_judge:
-        continuing: list[Corrected] = []
-        for item in to_judge:
-            _judge_once(item, teacher, max_repairs, keep_clean, rng)
-            if item.fate is None and not item.current.done:
-                continuing.append(item)
-        advance(student, [i.current for i in continuing], progress=False)
-        to_judge = [i for i in items if i.fate is None]
+    with tqdm(total=len(items), desc="SCoRe corrections", unit="traj", disable=not progress, leave=False) as bar:
+        while to_judge:
+            continuing: list[Corrected] = []
+            for item in to_judge:
+                _judge_once(item, teacher, max_repairs, keep_clean, rng)
+                if item.fate is None and not item.current.done:
+                    continuing.append(item)
+            advance(student, [i.current for i in continuing], progress=False)
+            to_judge = [i for i in items if i.fate is None]
+            bar.update(len(items) - len(to_judge) - bar.n)
     return items
 
 

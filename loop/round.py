@@ -253,7 +253,7 @@ def collect_and_correct(rt: Runtime, tickets: list[tuple[Pack, Ticket]], round_n
     rollouts = run_episodes(student, tickets, max_steps=s.max_steps, progress=rt.progress)
     summary.seconds["rollout"] = time.perf_counter() - clock
     corrected = score_correct(student, rt.teacher, rollouts, max_repairs=s.max_repairs, keep_clean=s.keep_clean,
-                              rng=random.Random(s.seed + round_no))
+                              rng=random.Random(s.seed + round_no), progress=rt.progress)
     summary.seconds["correct"] = time.perf_counter() - clock - summary.seconds["rollout"]
     for item in corrected:
         summary.examples_added += store_corrected(rt.store, rt.teacher.name, item, round_no, collector)
