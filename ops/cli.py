@@ -341,6 +341,13 @@ def ingest_cmd(files: tuple[Path, ...], config_file: Path | None, sets: tuple[st
     from store import Store
 
     cfg = _config(config_file, sets, db=db)
+    if correct:  # refuse before storing anything
+        from ops.run import build_teacher
+        from policies.teacher import OracleTeacher
+
+        teacher = build_teacher(cfg)
+        if isinstance(teacher, OracleTeacher):
+            raise click.UsageError("--correct needs a litellm teacher (--set teacher=...): the oracle knows only simulated tickets")
     packs = build_packs(cfg)
     store = Store.open(cfg.db)
     register_packs(store, packs)
@@ -362,12 +369,7 @@ def ingest_cmd(files: tuple[Path, ...], config_file: Path | None, sets: tuple[st
         sys.exit(1)
     if correct:
         from loop.production import correct_traces
-        from ops.run import build_teacher
-        from policies.teacher import OracleTeacher
 
-        teacher = build_teacher(cfg)
-        if isinstance(teacher, OracleTeacher):
-            raise click.UsageError("--correct needs a litellm teacher (--set teacher=...): the oracle knows only simulated tickets")
         summary = correct_traces(store, teacher, packs, agreements=cfg.production_agreements, weight=cfg.production_weight)
         click.echo(f"corrected {summary.corrected}, review {summary.review}, no error {summary.no_error} "
                    f"({summary.usage.calls} teacher calls, ${summary.usage.cost_usd:.4f})")
