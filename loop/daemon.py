@@ -9,8 +9,8 @@ turns on one thread (they share the student and the CPU):
 - inbox: ingest the production trace files waiting in the inbox folder and correct them;
 - heartbeat: a liveness row `apprentice status` reads.
 
-SIGINT/SIGTERM stop it: the current unit finishes or is abandoned, and it exits 0. A restart
-resumes from the store: an adapter left `training` by a crash is marked failed and redone by the
+SIGINT/SIGTERM stop it: the current unit gets `stop_grace_s` to finish, else it is abandoned (an
+adapter in training is marked failed), and it exits 0. A restart resumes from the store: an adapter left `training` by a crash is marked failed and redone by the
 retrain trigger; episodes are written whole, in one transaction each, so nothing is half-stored.
 """
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import json
+import logging
 import os
 import signal
 import threading
@@ -54,6 +55,7 @@ class Triggers:
     agreements: int = 2  # production corrections: judgements that must agree
     weight: float = 1.0  # production corrections: training weight
     heartbeat_s: float = 5.0
+    stop_grace_s: float = 20.0  # on SIGINT/SIGTERM, how long the current unit may take to finish
 
 
 def lock_store(db: str | Path) -> IO[str]:
@@ -76,7 +78,7 @@ def lock_store(db: str | Path) -> IO[str]:
 
 
 def recover(store: Store) -> list[str]:
-    """Adapters a crash left in `training` are failed: the retrain trigger redoes them."""
+    """Adapters a crash or a stop left in `training` are failed: the retrain trigger redoes them."""
     interrupted = [a.version for a in store.adapters(status="training")]
     for version in interrupted:
         store.set_adapter_status(version, "failed", gate_reason="interrupted: the daemon stopped during training")
@@ -89,11 +91,13 @@ class Daemon:
     def __init__(self, rt: Runtime, db: str | Path, triggers: Triggers):
         self.rt, self.db, self.triggers = rt, db, triggers
         self.stopping = threading.Event()
+        self._unit = threading.Lock()  # held while a job other than the heartbeat runs
         self._round = rt.store.count("adapters") + 1
         self._last_training = time.monotonic()
         self._local = threading.local()
         # Jobs take turns on one thread (they share the student and the cores); the heartbeat has
         # its own, so liveness never waits behind a training run.
+        logging.getLogger("apscheduler").setLevel(logging.ERROR)  # "skipped: already running" is the design, not news
         self._scheduler = BackgroundScheduler(executors={"default": ThreadPoolExecutor(1), "heartbeat": ThreadPoolExecutor(1)},
                                               job_defaults={"coalesce": True, "max_instances": 1})
 
@@ -122,7 +126,7 @@ class Daemon:
         log.info("training_started", round=self._round, new_examples=new)
         summary = retrain(self._rt(), self._round, RoundSummary(self._round, "daemon"))
         self._last_training = time.monotonic()
-        log.info("gate", version=summary.version, outcome=summary.gate, reason=summary.gate_reason,
+        log.info("gate", version=summary.version, trained_on=summary.trained_on, outcome=summary.gate, reason=summary.gate_reason,
                  calibration_j=summary.metrics.get("calibration_j"), train_loss=round(summary.train_loss or 0, 4))
         self._round += 1
 
@@ -164,15 +168,26 @@ class Daemon:
             pass
         log.info("daemon_stopping")
         s.shutdown(wait=False)
+        if self._unit.acquire(timeout=self.triggers.stop_grace_s):
+            return 0
+        # Abandon the unit: what it committed stays (episodes are written whole), and an adapter it
+        # was training is failed now, as a restart would. The caller exits without waiting for it.
+        log.warning("unit_abandoned", failed=recover(self.rt.store))
         return 0
 
     def _guard(self, job):
         def run() -> None:
             try:
-                job()
-            except Exception as e:  # a failed unit is logged and retried on the next tick
-                if self.stopping.is_set():
+                if job == self.heartbeat_job:
+                    job()
                     return
+                with self._unit:
+                    job()
+            except BaseException as e:  # a failed unit is logged and retried on the next tick
+                if self.stopping.is_set():
+                    return  # stopping: an abandoned unit's Ray calls end with SystemExit, nothing to report
+                if not isinstance(e, Exception):
+                    raise
                 self._rt().store.log_event("error", job=job.__name__, error=f"{type(e).__name__}: {e}")
                 log.exception("job_failed", job=job.__name__)
 

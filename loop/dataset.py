@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -21,6 +22,7 @@ class TrainingSet:
     n_turns: int  # assistant turns in `conversations`
     escalation_share: float  # escalation turns / assistant turns
     data_hash: str
+    sources: dict[str, int]  # unique examples by source: demonstration, simulation, production
 
 
 def _assistant_actions(conversation: Conversation) -> list[str]:
@@ -61,4 +63,5 @@ def build_dataset(examples: Iterable[ExampleRow], *, heldout: set[str], escalati
         i += 1
     random.Random(seed).shuffle(conversations)
     digest = hashlib.sha256("\n".join(sorted(unique)).encode()).hexdigest()[:16]
-    return TrainingSet(conversations, len(rows), turns, escalations / turns if turns else 0.0, digest)
+    sources = dict(sorted(Counter(ex.source for ex in rows).items()))
+    return TrainingSet(conversations, len(rows), turns, escalations / turns if turns else 0.0, digest, sources)

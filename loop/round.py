@@ -89,6 +89,7 @@ class RoundSummary:
     metrics: dict = field(default_factory=dict)  # held-out report, as JSON
     gate: str = ""
     gate_reason: str = ""
+    trained_on: dict[str, int] = field(default_factory=dict)  # unique training examples by source
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -140,10 +141,10 @@ def retrain(rt: Runtime, round_no: int, summary: RoundSummary) -> RoundSummary:
     path = rt.adapters_dir / version
     store.add_adapter(AdapterRow(version=version, parent=collector, path=str(path), base_model=rt.base_model, status="training",
                                  data_hash=dataset.data_hash, config={**asdict(rt.lora), "round": round_no, "method": s.method,
-                                 "examples": dataset.n_unique, "examples_through": max((e.id or 0 for e in examples), default=0),
+                                 "examples": dataset.n_unique, "sources": dataset.sources, "examples_through": max((e.id or 0 for e in examples), default=0),
                                  "conversations": len(dataset.conversations),
                                  "escalation_share": round(dataset.escalation_share, 4)}))
-    store.log_event("training_started", version=version, round=round_no, examples=dataset.n_unique)
+    store.log_event("training_started", version=version, round=round_no, examples=dataset.n_unique, sources=dataset.sources)
     try:
         result = rt.train(rt.model_dir, dataset.conversations, path, rt.lora)
     except BaseException:
@@ -151,6 +152,7 @@ def retrain(rt: Runtime, round_no: int, summary: RoundSummary) -> RoundSummary:
         raise
     store.set_adapter_status(version, "candidate", train_metrics=asdict(result))
     summary.version, summary.train_loss, summary.train_tokens_per_s = version, result.train_loss, result.tokens_per_s
+    summary.trained_on = dataset.sources
     summary.seconds["train"] = time.perf_counter() - clock
 
     # 5. evaluate on the held-out companies' fixed tickets, every ticket stored against the version.

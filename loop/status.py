@@ -88,6 +88,7 @@ class AdapterDetails:
     promoted: Report | None
     recall_by_reason: dict[str, tuple[float | None, float | None]]  # reason -> (candidate, baseline)
     changed: list[ChangedTicket]
+    trained_on: dict[str, int]  # unique training examples by source (empty for the base model)
 
 
 def _transcript(store: Store, episode_id: int) -> list[str]:
@@ -131,5 +132,5 @@ def adapter_details(store: Store, version: str) -> AdapterDetails:
         version=version, baseline=baseline, candidate=report(outcomes_of(cand_rows)),
         promoted=report(outcomes_of(base_rows)) if base_rows else None,
         recall_by_reason={k: (cand_recall.get(k), base_recall.get(k)) for k in sorted(set(cand_recall) | set(base_recall))},
-        changed=changed,
+        changed=changed, trained_on=adapter.config.get("sources", {}) if (adapter := store.adapter(version)) else {},
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -218,7 +219,13 @@ def run_cmd(rounds: int | None, config_file: Path | None, sets: tuple[str, ...],
     if rounds is None:
         triggers = Triggers(retrain_min_examples=cfg.retrain_min_examples, retrain_every_minutes=cfg.retrain_every_minutes,
                             inbox=Path(cfg.inbox), agreements=cfg.production_agreements, weight=cfg.production_weight)
-        sys.exit(Daemon(rt, cfg.db, triggers).run())
+        code = Daemon(rt, cfg.db, triggers).run()
+        # A unit abandoned on stop still runs in a worker thread that a normal exit would wait for.
+        import ray
+
+        ray.shutdown()
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(code)
     summaries = run_rounds(rt, rounds, on_round=lambda s: console.print(f"round {s.round}: {s.version} {s.gate} ({s.gate_reason})"))
     _print_summary(rt.store, summaries)
 
@@ -296,8 +303,12 @@ def adapters_show(ctx: click.Context, version: str, changed: int) -> None:
     if ctx.obj["json"]:
         click.echo(json.dumps({"version": d.version, "baseline": d.baseline, "candidate": d.candidate.as_json(),
                                "baseline_metrics": d.promoted.as_json() if d.promoted else None,
-                               "recall_by_reason": d.recall_by_reason, "changed": [asdict(c) for c in d.changed]}, indent=2))
+                               "recall_by_reason": d.recall_by_reason, "trained_on": d.trained_on,
+                               "changed": [asdict(c) for c in d.changed]}, indent=2))
         return
+    if d.trained_on:
+        console.print(f"{version} trained on {sum(d.trained_on.values())} examples: "
+                      + ", ".join(f"{n} {source}" for source, n in d.trained_on.items()))
     _print_report(f"{version}", d.candidate)
     if d.promoted:
         _print_report(f"{d.baseline} (baseline)", d.promoted)

@@ -160,3 +160,37 @@ def test_cli_ingest_correct_with_a_litellm_teacher(tmp_path, monkeypatch):
     assert done.exit_code == 0, done.output
     assert "corrected 1, review 0, no error 0 (2 teacher calls" in done.output
     assert Store.open(tmp_path / "a.db").trace("c1").status == "corrected"
+
+
+def test_production_rows_reach_the_next_training(tmp_path, tiny_model_dir):
+    """A corrected production trace is in the conversations the next retrain trains on, and the
+    adapter records how many examples of each source it saw."""
+
+    from environments.pack import load_pack
+    from loop.records import register_packs
+    from loop.round import Runtime, RoundSettings, RoundSummary, ensure_base_evaluated, retrain
+    from loop.train import LoraSettings, train_adapter
+    from policies.hf import HFStudent
+    from policies.teacher import OracleTeacher
+    from tests.test_round import two_company_packs
+
+    packs_root = two_company_packs(tmp_path / "packs")
+    packs = [load_pack(packs_root / "acme"), load_pack(packs_root / "acme-heldout")]
+    store, _ = ingested(tmp_path, openai_line("p1"))
+    correct_traces(store, QueueTeacher([Judgement(1, ESCALATE, "outside the window")] * 2), packs, agreements=2)
+    (production,) = store.examples(source="production")
+    trained_on = []
+
+    def train(model_dir, conversations, out_dir, settings):
+        trained_on.extend(conversations)
+        return train_adapter(model_dir, conversations, out_dir, settings, progress=False)
+
+    rt = Runtime(store=store, packs=packs, student=HFStudent(tiny_model_dir, max_new_tokens=16, batch_size=2),
+                 teacher=OracleTeacher(), train=train, model_dir=tiny_model_dir, base_model="tiny",
+                 adapters_dir=tmp_path / "adapters", settings=RoundSettings(eval_tickets=1, max_steps=2, escalation_share=0.0),
+                 lora=LoraSettings(epochs=1, batch_size=1), progress=False)
+    register_packs(store, packs)
+    ensure_base_evaluated(rt)
+    summary = retrain(rt, 1, RoundSummary(1, "test"))
+    assert production.messages in trained_on
+    assert summary.trained_on == {"production": 1} and store.adapter(summary.version).config["sources"] == {"production": 1}
