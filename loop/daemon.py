@@ -110,8 +110,8 @@ class Daemon:
     # --- jobs ----------------------------------------------------------------------------------
 
     def collect_job(self) -> None:
-        if self.stopping.is_set():
-            return
+        if self.stopping.is_set() or self._retrain_due():
+            return  # a due retrain takes the next turn before more is collected
         summary = collect(self._rt(), self._round)
         log.info("collected", round=self._round, collector=summary.collector, examples_added=summary.examples_added,
                  teacher_calls=summary.teacher_usage.calls, seconds=round(summary.seconds["collect"], 1))
@@ -119,16 +119,19 @@ class Daemon:
     def retrain_job(self) -> None:
         if self.stopping.is_set():
             return
-        new = examples_since_training(self._rt().store)
-        overdue = time.monotonic() - self._last_training >= self.triggers.retrain_every_minutes * 60
-        if new < self.triggers.retrain_min_examples and not (overdue and new > 0):
+        if not self._retrain_due():
             return
-        log.info("training_started", round=self._round, new_examples=new)
+        log.info("training_started", round=self._round, new_examples=examples_since_training(self._rt().store))
         summary = retrain(self._rt(), self._round, RoundSummary(self._round, "daemon"))
         self._last_training = time.monotonic()
         log.info("gate", version=summary.version, trained_on=summary.trained_on, outcome=summary.gate, reason=summary.gate_reason,
                  calibration_j=summary.metrics.get("calibration_j"), train_loss=round(summary.train_loss or 0, 4))
         self._round += 1
+
+    def _retrain_due(self) -> bool:
+        new = examples_since_training(self._rt().store)
+        overdue = time.monotonic() - self._last_training >= self.triggers.retrain_every_minutes * 60
+        return new >= self.triggers.retrain_min_examples or (overdue and new > 0)
 
     def inbox_job(self) -> None:
         """Ingest every trace file waiting in the inbox (then moved to inbox/done/) and correct
