@@ -10,8 +10,9 @@ turns on one thread (they share the student and the CPU):
 - heartbeat: a liveness row `apprentice status` reads.
 
 SIGINT/SIGTERM stop it: the current unit gets `stop_grace_s` to finish, else it is abandoned (an
-adapter in training is marked failed), and it exits 0. A restart resumes from the store: an adapter left `training` by a crash is marked failed and redone by the
-retrain trigger; episodes are written whole, in one transaction each, so nothing is half-stored.
+adapter in training is marked failed), and it exits 0. A restart resumes from the store: an adapter
+left `training` by a crash is marked failed and redone by the retrain trigger; episodes are written
+whole, in one transaction each, so nothing is half-stored.
 """
 
 from __future__ import annotations
@@ -117,9 +118,7 @@ class Daemon:
                  teacher_calls=summary.teacher_usage.calls, seconds=round(summary.seconds["collect"], 1))
 
     def retrain_job(self) -> None:
-        if self.stopping.is_set():
-            return
-        if not self._retrain_due():
+        if self.stopping.is_set() or not self._retrain_due():
             return
         log.info("training_started", round=self._round, new_examples=examples_since_training(self._rt().store))
         summary = retrain(self._rt(), self._round, RoundSummary(self._round, "daemon"))

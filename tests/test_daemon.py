@@ -88,3 +88,33 @@ def test_daemon_resumes_after_sigkill_and_stops_on_sigterm(tiny_model_dir, tmp_p
     assert all(counts(db)[t] >= after[t] for t in TABLES)
     store = Store.open(db)
     assert [e.payload["version"] for e in store.events(kind="training_interrupted")] == ["v0001"]
+
+
+def test_a_due_retrain_takes_the_turn_before_more_collection(tmp_path, monkeypatch):
+    """On the real model the 1-second collect job won every turn and the daemon never trained:
+    collect_job must step aside while the retrain trigger is met."""
+    from loop import daemon
+    from loop.round import RoundSummary, Runtime
+    from store import ExampleRow
+
+    from environments.pack import load_pack
+    from loop.records import register_packs
+
+    pack = load_pack(ROOT / "tests" / "data" / "acme")
+    db = tmp_path / "a.db"
+    store = Store.open(db)
+    register_packs(store, [pack])
+    store.add_examples([ExampleRow(source="demonstration", company_id=pack.id, ticket_id=pack.tickets[i].id,
+                                   messages=[{"role": "user", "content": f"hi {i}"}], has_escalation=False) for i in range(3)])
+    collected = []
+    def collect(rt, round_no):
+        collected.append(round_no)
+        return RoundSummary(round_no, "base", seconds={"collect": 0.0})
+
+    monkeypatch.setattr(daemon, "collect", collect)
+    rt = Runtime(store=store, packs=[], student=None, teacher=None, train=None, model_dir=tmp_path, base_model="tiny",
+                 adapters_dir=tmp_path, settings=None, lora=None)
+    daemon.Daemon(rt, db, daemon.Triggers(retrain_min_examples=3)).collect_job()
+    assert collected == []  # 3 new examples meet the trigger: retrain goes first
+    daemon.Daemon(rt, db, daemon.Triggers(retrain_min_examples=4)).collect_job()
+    assert collected == [1]
