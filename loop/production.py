@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tqdm import tqdm
+
 from environments.actions import Action
 from environments.pack import Pack
 from loop.ingest import parse_trace
@@ -47,13 +49,12 @@ def _example_messages(pack: Pack, trace, first_error: int, replacement: Action) 
 
 
 def correct_traces(store: Store, teacher: Teacher, packs: list[Pack], *, agreements: int = 2, weight: float = 1.0,
-                   only: str | None = None) -> ProductionSummary:
+                   only: str | None = None, progress: bool = False) -> ProductionSummary:
     """Judge every accepted trace (or just the trace `only`); store corrections, training rows and review items."""
     by_id = {p.id: p for p in packs}
     summary = ProductionSummary()
-    for row in store.traces(status="accepted"):
-        if only is not None and row.id != only:
-            continue
+    rows = [row for row in store.traces(status="accepted") if only is None or row.id == only]
+    for row in tqdm(rows, desc="production corrections", unit="trace", disable=not progress, leave=False):
         pack = by_id[row.company_id]
         trace = parse_trace(row.raw, set(by_id))
         trajectory = Trajectory(trace.actions, trace.transcript)

@@ -339,7 +339,8 @@ def adapters_show(ctx: click.Context, version: str, changed: int) -> None:
 @_set_option
 @click.option("--db", default=None, help="SQLite store (config: db).")
 @click.option("--correct", is_flag=True, help="Then have the configured (litellm) teacher correct every accepted trace now, as the daemon's inbox job does.")
-def ingest_cmd(files: tuple[Path, ...], config_file: Path | None, sets: tuple[str, ...], db: str | None, correct: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of lines.")
+def ingest_cmd(files: tuple[Path, ...], config_file: Path | None, sets: tuple[str, ...], db: str | None, correct: bool, as_json: bool) -> None:
     """Store production traces (JSONL, OpenAI-messages or native format), one per line.
 
     Each line is validated on its own: a bad line is stored as rejected with an error naming it,
@@ -371,19 +372,27 @@ def ingest_cmd(files: tuple[Path, ...], config_file: Path | None, sets: tuple[st
         total.accepted, total.duplicate, total.rejected, total.readable = (
             total.accepted + result.accepted, total.duplicate + result.duplicate, total.rejected + result.rejected, total.readable + result.readable)
         total.errors += result.errors
-    click.echo(f"accepted {total.accepted}, duplicate {total.duplicate}, rejected {total.rejected}")
-    for error in total.errors[:10]:
-        click.echo(f"  rejected {error}")
-    if len(total.errors) > 10:
-        click.echo(f"  ... and {len(total.errors) - 10} more (see the traces table)")
-    if total.readable == 0:
-        sys.exit(1)
-    if correct:
+    out = {"accepted": total.accepted, "duplicate": total.duplicate, "rejected": total.rejected, "errors": total.errors}
+    if not as_json:
+        click.echo(f"accepted {total.accepted}, duplicate {total.duplicate}, rejected {total.rejected}")
+        for error in total.errors[:10]:
+            click.echo(f"  rejected {error}")
+        if len(total.errors) > 10:
+            click.echo(f"  ... and {len(total.errors) - 10} more (see the traces table)")
+    if correct and total.readable:
         from loop.production import correct_traces
 
-        summary = correct_traces(store, teacher, packs, agreements=cfg.production_agreements, weight=cfg.production_weight)
-        click.echo(f"corrected {summary.corrected}, review {summary.review}, no error {summary.no_error} "
-                   f"({summary.usage.calls} teacher calls, ${summary.usage.cost_usd:.4f})")
+        summary = correct_traces(store, teacher, packs, agreements=cfg.production_agreements, weight=cfg.production_weight,
+                                 progress=not as_json)
+        out["correction"] = {"corrected": summary.corrected, "review": summary.review, "no_error": summary.no_error,
+                             "teacher_calls": summary.usage.calls, "teacher_cost_usd": summary.usage.cost_usd}
+        if not as_json:
+            click.echo(f"corrected {summary.corrected}, review {summary.review}, no error {summary.no_error} "
+                       f"({summary.usage.calls} teacher calls, ${summary.usage.cost_usd:.4f})")
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+    if total.readable == 0:
+        sys.exit(1)
 
 
 @main.command("serve")

@@ -73,6 +73,12 @@ def test_cli_exit_codes(tmp_path):
     assert ok.exit_code == 0 and "accepted 1, duplicate 0, rejected 1" in ok.output and "good.jsonl:2: not valid JSON" in ok.output
     nothing = CliRunner().invoke(main, ["ingest", str(bad), *args])
     assert nothing.exit_code == 1
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(openai_line("x1") + "\n" + openai_line("x2") + "\n[]\n")
+    as_json = CliRunner().invoke(main, ["ingest", str(mixed), *args, "--json"])
+    out = json.loads(as_json.output)
+    assert as_json.exit_code == 0 and (out["accepted"], out["duplicate"], out["rejected"]) == (1, 1, 1)
+    assert out["errors"] == ["mixed.jsonl:3: a trace must be a JSON object"]
 
 
 # --- correction of production traces: self-consistency and the review queue ---------------------
@@ -154,12 +160,17 @@ def test_cli_ingest_correct_with_a_litellm_teacher(tmp_path, monkeypatch):
     judgement = json.dumps({"first_error": 1, "replacement": ESCALATE.model_dump(), "rationale": "outside the window"})
     monkeypatch.setenv("STAND_IN_KEY", "test")
     with OpenAIStub() as stub:
-        stub.enqueue([judgement, judgement])
-        done = CliRunner().invoke(main, [*args, "--set", "teacher=openai/stand-in", "--set", f"teacher_api_base={stub.base_url}",
-                                         "--set", "teacher_redact=false", "--set", "teacher_api_key_env=STAND_IN_KEY"])
+        teacher = ["--set", "teacher=openai/stand-in", "--set", f"teacher_api_base={stub.base_url}", "--set", "teacher_redact=false",
+                   "--set", "teacher_api_key_env=STAND_IN_KEY"]
+        stub.enqueue([judgement] * 4)
+        done = CliRunner().invoke(main, [*args, *teacher])
+        path.write_text(openai_line("c2") + "\n")
+        as_json = CliRunner().invoke(main, [*args, *teacher, "--json"])
     assert done.exit_code == 0, done.output
     assert "corrected 1, review 0, no error 0 (2 teacher calls" in done.output
     assert Store.open(tmp_path / "a.db").trace("c1").status == "corrected"
+    out = json.loads(as_json.output)
+    assert out["accepted"] == 1 and out["correction"]["corrected"] == 1 and out["correction"]["teacher_calls"] == 2
 
 
 def test_production_rows_reach_the_next_training(tmp_path, tiny_model_dir):
