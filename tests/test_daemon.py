@@ -1,6 +1,6 @@
 """The daemon in a subprocess with the tiny model: it trains by the threshold trigger, survives a
-SIGKILL in the middle of training without losing rows, refuses a second instance, and stops on
-SIGTERM with exit code 0."""
+SIGKILL in the middle of training without losing rows, refuses a second instance, switches its
+rollout workers to an approved version, and stops on SIGTERM with exit code 0."""
 
 import signal
 import subprocess
@@ -50,6 +50,14 @@ def statuses(db):
         store.close()
 
 
+def collectors(db):
+    store = Store.open(db)
+    try:
+        return [e.payload["collector"] for e in store.events(kind="collected")]
+    finally:
+        store.close()
+
+
 @pytest.mark.slow
 def test_daemon_resumes_after_sigkill_and_stops_on_sigterm(tiny_model_dir, tmp_path):
     db = tmp_path / "a.db"
@@ -78,6 +86,13 @@ def test_daemon_resumes_after_sigkill_and_stops_on_sigterm(tiny_model_dir, tmp_p
         after = counts(db)
         assert all(after[t] >= before[t] for t in TABLES)
         assert statuses(db)["v0001"] == "failed"
+        # An operator approves the gated version; the rollout workers switch to it (the swap is
+        # verified by the probe log-probs, else the collection fails) and collect with it.
+        gated = next(v for v, s in statuses(db).items() if s in ("awaiting_approval", "rejected_by_gate"))
+        approve = subprocess.run([sys.executable, "-m", "ops.cli", "approve", gated, "--db", str(db), "--by", "ana", "--force", "--note", "test"],
+                                 cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert approve.returncode == 0, approve.stderr
+        wait_for(lambda: collectors(db)[-1:] == [gated], again, 300, f"a collection by {gated}")
         started = time.monotonic()
         again.send_signal(signal.SIGTERM)
         assert again.wait(120) == 0
