@@ -1,10 +1,12 @@
-"""Operator decisions: approve, reject, roll back. Each writes the decisions log and refuses what
-makes no sense with a message that says why and what to do instead."""
+"""The gate's verdict and the operators' decisions: approve, reject, roll back. Each writes the
+decisions log; an operator's refuses what makes no sense with a message that says why and what to
+do instead."""
 
 from __future__ import annotations
 
 import structlog
 
+from loop.gate import GateResult
 from store import DecisionRow, Store
 
 log = structlog.get_logger("apprentice.operators")
@@ -20,6 +22,19 @@ def _adapter(store: Store, version: str):
         known = ", ".join(a.version for a in store.adapters()) or "none yet"
         raise DecisionRefused(f"no adapter {version!r} (known: {known})")
     return adapter
+
+
+def record_gate(store: Store, version: str, verdict: GateResult, *, baseline: str, metrics: dict, auto_approve: bool) -> str:
+    """Store a candidate's verdict: `awaiting_approval` if it passed (promoted at once under the
+    auto-approve policy), else `rejected_by_gate`; one `gate` decision row. Returns the outcome."""
+    outcome = ("promoted" if auto_approve else "awaiting_approval") if verdict.passed else "rejected_by_gate"
+    with store.transaction():
+        store.set_adapter_status(version, "awaiting_approval" if verdict.passed else "rejected_by_gate", metrics=metrics, gate_reason=verdict.reason)
+        store.add_decision(DecisionRow(adapter_version=version, action="gate", by="gate", note=f"{outcome} vs {baseline}: {verdict.reason}"))
+        if outcome == "promoted":
+            store.set_promoted(version, by="auto-approve", note=verdict.reason)
+        store.log_event("gate", version=version, outcome=outcome, reason=verdict.reason)
+    return outcome
 
 
 def approve(store: Store, version: str, *, by: str, note: str = "", force: bool = False) -> None:

@@ -22,13 +22,14 @@ from loop.dataset import build_dataset
 from loop.evaluate import evaluate, run_episodes
 from loop.gate import gate
 from loop.metrics import report
+from loop.promotion import record_gate
 from loop.records import episode_rows, outcomes_of, record_eval, register_packs
 from loop.train import LoraSettings, TrainResult
 from policies.policy import StudentPolicy, TeacherPolicy
 from policies.protocol import render_messages
 from policies.student import Student
 from policies.teacher import Teacher, Usage
-from store import AdapterRow, CorrectionRow, DecisionRow, ExampleRow, Store
+from store import AdapterRow, CorrectionRow, ExampleRow, Store
 
 TrainFn = Callable[[Path, list, Path, LoraSettings], TrainResult]
 
@@ -170,12 +171,7 @@ def retrain(rt: Runtime, round_no: int, summary: RoundSummary) -> RoundSummary:
     metrics["delta_vs"] = baseline
     metrics["delta_calibration_j"] = [verdict.comparison.delta["calibration_j"].value, verdict.comparison.delta["calibration_j"].low,
                                       verdict.comparison.delta["calibration_j"].high]
-    status = ("promoted" if s.auto_approve else "awaiting_approval") if verdict.passed else "rejected_by_gate"
-    store.set_adapter_status(version, "awaiting_approval" if verdict.passed else "rejected_by_gate", metrics=metrics, gate_reason=verdict.reason)
-    store.add_decision(DecisionRow(adapter_version=version, action="gate", by="gate", note=f"{status} vs {baseline}: {verdict.reason}"))
-    if verdict.passed and s.auto_approve:
-        store.set_promoted(version, by="auto-approve", note=verdict.reason)
-    store.log_event("gate", version=version, outcome=status, reason=verdict.reason)
+    status = record_gate(store, version, verdict, baseline=baseline, metrics=metrics, auto_approve=s.auto_approve)
     summary.metrics, summary.gate, summary.gate_reason = metrics, status, verdict.reason
     return summary
 

@@ -3,7 +3,8 @@
 import pytest
 from click.testing import CliRunner
 
-from loop.promotion import DecisionRefused, approve, reject, rollback
+from loop.gate import gate
+from loop.promotion import DecisionRefused, approve, record_gate, reject, rollback
 from ops.cli import main
 from store import AdapterRow, Store
 
@@ -60,6 +61,26 @@ def test_forced_approval_and_rejection_are_logged(store):
     reject(store, "v0002", by="bo", note="tone")
     assert store.adapter("v0002").status == "rejected"
     assert actions(store) == [("v0003", "approve_forced", "ana"), ("v0002", "reject", "bo")]
+
+
+@pytest.mark.parametrize("auto_approve", [False, True])
+def test_the_gate_verdict_decides_the_status(store, auto_approve):
+    from tests.test_gate import BASE, outcomes
+
+    for v in ("v0005", "v0006"):
+        store.add_adapter(AdapterRow(version=v, parent=None, path=f"adapters/{v}", base_model="m", status="candidate"))
+    passed, failed = gate(outcomes(45, 5), BASE), gate(BASE, BASE)
+    assert record_gate(store, "v0005", passed, baseline="base", metrics={"J": 0.8}, auto_approve=auto_approve) == (
+        "promoted" if auto_approve else "awaiting_approval")
+    assert record_gate(store, "v0006", failed, baseline="base", metrics={"J": 0.4}, auto_approve=auto_approve) == "rejected_by_gate"
+    assert store.adapter("v0006").status == "rejected_by_gate" and "ΔJ" in store.adapter("v0006").gate_reason
+    assert store.adapter("v0005").metrics == {"J": 0.8}
+    if auto_approve:  # the policy promotes what passed, and says so in the decisions log
+        assert store.promoted_version() == "v0005" and store.adapter("v0005").status == "promoted"
+        assert actions(store) == [("v0005", "gate", "gate"), ("v0005", "approve", "auto-approve"), ("v0006", "gate", "gate")]
+    else:  # it waits for an operator
+        assert store.promoted_version() is None and store.adapter("v0005").status == "awaiting_approval"
+        assert actions(store) == [("v0005", "gate", "gate"), ("v0006", "gate", "gate")]
 
 
 def test_cli_refusal_exits_1_with_the_reason(store, tmp_path):
