@@ -27,9 +27,10 @@ def _adapter(store: Store, version: str):
 def record_gate(store: Store, version: str, verdict: GateResult, *, baseline: str, metrics: dict, auto_approve: bool) -> str:
     """Store a candidate's verdict: `awaiting_approval` if it passed (promoted at once under the
     auto-approve policy), else `rejected_by_gate`; one `gate` decision row. Returns the outcome."""
-    outcome = ("promoted" if auto_approve else "awaiting_approval") if verdict.passed else "rejected_by_gate"
+    status = "awaiting_approval" if verdict.passed else "rejected_by_gate"
+    outcome = "promoted" if verdict.passed and auto_approve else status
     with store.transaction():
-        store.set_adapter_status(version, "awaiting_approval" if verdict.passed else "rejected_by_gate", metrics=metrics, gate_reason=verdict.reason)
+        store.set_adapter_status(version, status, metrics=metrics, gate_reason=verdict.reason)
         store.add_decision(DecisionRow(adapter_version=version, action="gate", by="gate", note=f"{outcome} vs {baseline}: {verdict.reason}"))
         if outcome == "promoted":
             store.set_promoted(version, by="auto-approve", note=verdict.reason)
