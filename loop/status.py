@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from loop.metrics import Report, report
+from loop.metrics import Comparison, Report, compare, report
 from loop.records import outcomes_of
 from loop.round import examples_since_training
 from store import Store
@@ -78,6 +78,8 @@ class ChangedTicket:
     candidate_resolved: bool
     baseline_transcript: list[str]
     candidate_transcript: list[str]
+    baseline_episode_id: int
+    candidate_episode_id: int
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class AdapterDetails:
     candidate: Report
     promoted: Report | None
     recall_by_reason: dict[str, tuple[float | None, float | None]]  # reason -> (candidate, baseline)
+    deltas: dict[str, Comparison]  # 'overall' and each company -> candidate minus baseline, paired (empty without a baseline)
     changed: list[ChangedTicket]
     trained_on: dict[str, int]  # unique training examples by source (empty for the base model)
 
@@ -99,12 +102,16 @@ def _transcript(store: Store, episode_id: int) -> list[str]:
     return lines
 
 
-def adapter_details(store: Store, version: str) -> AdapterDetails:
-    if store.adapter(version) is None and version != "base":
-        raise KeyError(f"no adapter {version!r}")
-    baseline = store.promoted_version() or "base"
-    if baseline == version:
-        baseline = "base"
+def adapter_details(store: Store, version: str, baseline: str | None = None) -> AdapterDetails:
+    """`version` next to `baseline` (default: the promoted version, or the base model when that is
+    `version` itself), paired on the tickets both were evaluated on."""
+    for v in (version, baseline):
+        if v not in (None, "base") and store.adapter(v) is None:
+            raise KeyError(f"no adapter {v!r}")
+    if baseline is None:
+        baseline = store.promoted_version() or "base"
+        if baseline == version:
+            baseline = "base"
     cand_rows, base_rows = store.evaluations(version), store.evaluations(baseline)
     if not cand_rows:
         raise KeyError(f"{version} has no evaluation yet")
@@ -125,12 +132,19 @@ def adapter_details(store: Store, version: str) -> AdapterDetails:
     cand_recall, base_recall = recall(cand_rows), recall(base_rows)
     base_by_key = {(r.company_id, r.ticket_id): r for r in base_rows}
     changed = [
-        ChangedTicket(r.company_id, r.ticket_id, b.resolved, r.resolved, _transcript(store, b.episode_id), _transcript(store, r.episode_id))
+        ChangedTicket(r.company_id, r.ticket_id, b.resolved, r.resolved, _transcript(store, b.episode_id), _transcript(store, r.episode_id),
+                      b.episode_id, r.episode_id)
         for r in cand_rows if (b := base_by_key.get((r.company_id, r.ticket_id))) is not None and b.resolved != r.resolved
     ]
+    cand, base = outcomes_of(cand_rows), outcomes_of(base_rows)
+    paired = sorted({r.company_id for r in cand_rows if (r.company_id, r.ticket_id) in base_by_key})
+    deltas = {"overall": compare(cand, base)} if paired else {}
+    for company in paired:
+        deltas[company] = compare([o for o in cand if o.company_id == company], [o for o in base if o.company_id == company])
     return AdapterDetails(
-        version=version, baseline=baseline, candidate=report(outcomes_of(cand_rows)),
-        promoted=report(outcomes_of(base_rows)) if base_rows else None,
+        version=version, baseline=baseline, candidate=report(cand),
+        promoted=report(base) if base else None,
         recall_by_reason={k: (cand_recall.get(k), base_recall.get(k)) for k in sorted(set(cand_recall) | set(base_recall))},
+        deltas=deltas,
         changed=changed, trained_on=adapter.config.get("sources", {}) if (adapter := store.adapter(version)) else {},
     )

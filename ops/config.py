@@ -66,6 +66,8 @@ class Config:
     retrain_min_examples: int = _f(50, "The daemon retrains once this many new accepted examples exist...")
     retrain_every_minutes: float = _f(60.0, "...or once this many minutes passed since the last training (with any new example).")
     inbox: str = _f("inbox", "Folder the daemon watches for production trace files (*.jsonl).")
+    # the console
+    operators_file: str = _f("operators.toml", "Who may log in to `apprentice console`: names, roles and token hashes (`apprentice console add-operator`).")
     # the cluster
     ray_address: str = _f("", "Ray cluster to join; empty = start a local Ray instance.")
     rollout_workers: int = _f(1, "Rollout actors (each holds one copy of the student).")
