@@ -34,7 +34,7 @@ import structlog
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from loop.ingest import ingest_file
+from loop.ingest import file_digest, ingest_file, ingested_before
 from loop.production import correct_traces
 from loop.round import RoundSummary, Runtime, collect, examples_since_training, retrain
 from loop.status import HEARTBEAT_KEY
@@ -53,6 +53,7 @@ class Triggers:
     retrain_min_examples: int = 50
     retrain_every_minutes: float = 60.0
     inbox: Path = Path("inbox")
+    inbox_every_s: float = 60.0
     agreements: int = 2  # production corrections: judgements that must agree
     weight: float = 1.0  # production corrections: training weight
     heartbeat_s: float = 5.0
@@ -86,6 +87,17 @@ def recover(store: Store) -> list[str]:
         store.log_event("training_interrupted", version=version)
         log.warning("training_interrupted", version=version)
     return interrupted
+
+
+def _move_to_done(path: Path) -> None:
+    """inbox/x.jsonl -> inbox/done/x.jsonl (x.2.jsonl, ... when that name was taken by an earlier file)."""
+    done = path.parent / "done"
+    done.mkdir(exist_ok=True)
+    target, n = done / path.name, 1
+    while target.exists():
+        n += 1
+        target = done / f"{path.stem}.{n}{path.suffix}"
+    path.rename(target)
 
 
 class Daemon:
@@ -139,11 +151,14 @@ class Daemon:
         rt = self._rt()
         companies = {p.id for p in rt.packs}
         for path in files:
-            result = ingest_file(rt.store, path, companies)
-            done = self.triggers.inbox / "done"
-            done.mkdir(exist_ok=True)
-            path.rename(done / path.name)
-            log.info("ingested", file=path.name, accepted=result.accepted, duplicate=result.duplicate, rejected=result.rejected)
+            # A file is ingested in one transaction that records its digest; a stop between that
+            # commit and the move below leaves it in the inbox, and the next scan only moves it.
+            if ingested_before(rt.store, file_digest(path)):
+                log.info("already_ingested", file=path.name)
+            else:
+                result = ingest_file(rt.store, path, companies)
+                log.info("ingested", file=path.name, **result.counts())
+            _move_to_done(path)
         if rt.store.traces(status="accepted") and not isinstance(rt.teacher, OracleTeacher):
             summary = correct_traces(rt.store, rt.teacher, rt.packs, agreements=self.triggers.agreements, weight=self.triggers.weight)
             log.info("production_corrected", corrected=summary.corrected, review=summary.review, no_error=summary.no_error)
@@ -163,7 +178,7 @@ class Daemon:
         s.add_job(self._guard(self.heartbeat_job), "interval", seconds=self.triggers.heartbeat_s, executor="heartbeat", id="heartbeat")
         s.add_job(self._guard(self.collect_job), "interval", seconds=1, next_run_time=now, id="collect")
         s.add_job(self._guard(self.retrain_job), "interval", seconds=10, next_run_time=now, id="retrain")
-        s.add_job(self._guard(self.inbox_job), "interval", seconds=60, next_run_time=now, id="inbox")
+        s.add_job(self._guard(self.inbox_job), "interval", seconds=self.triggers.inbox_every_s, next_run_time=now, id="inbox")
         s.start()
         log.info("daemon_started", pid=os.getpid(), round=self._round)
         while not self.stopping.wait(0.5):

@@ -6,13 +6,16 @@ Two formats per line:
 - native: {"id", "company", "opening", "steps": [{"action": {...}, "observation": "..."}], "failure_note"?}.
 
 A bad line is stored with status `rejected` and an error naming its line; the good lines go on.
-The same trace id twice is stored once.
+Every version of a trace id is kept: the same content twice is stored once; a valid line whose id
+was only ever rejected is accepted (its fix); a valid line whose id is already accepted with other
+content is stored as a `conflict`, reported and never used.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,38 +46,70 @@ class Trace:
 
 @dataclass
 class IngestSummary:
-    accepted: int = 0
-    duplicate: int = 0
+    accepted: int = 0  # new traces, fixes included
+    fixed: int = 0  # of the accepted: ids that had only rejected versions before (those stay, for the audit)
+    duplicate: int = 0  # content some version of the id already has: nothing stored
+    conflict: int = 0  # valid content under an id already accepted with other content: stored, never used
     rejected: int = 0
-    readable: int = 0  # lines that parsed as a trace, duplicates included
-    errors: list[str] = field(default_factory=list)
+    readable: int = 0  # lines that parsed as a trace, duplicates and conflicts included
+    errors: list[str] = field(default_factory=list)  # one per rejected line
+    conflicts: list[str] = field(default_factory=list)  # one per conflict
+
+    def counts(self) -> dict[str, int]:
+        return {"accepted": self.accepted, "fixed": self.fixed, "duplicate": self.duplicate, "conflict": self.conflict,
+                "rejected": self.rejected}
+
+    def add(self, other: IngestSummary) -> None:
+        for name in (*self.counts(), "readable"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.errors += other.errors
+        self.conflicts += other.conflicts
 
 
-def _action_from_tool_call(call: dict, content: str) -> Action:
-    function = call.get("function") or {}
+def _action_from_tool_call(call: object, content: str) -> Action:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict):
+        raise TraceError("tool_calls[0] has no 'function' object")
     name = function.get("name")
     if name not in ACTIONS:
         raise TraceError(f"unknown action {name!r} in tool_calls (expected one of {', '.join(ACTIONS)})")
     arguments = function.get("arguments") or "{}"
-    args = json.loads(arguments) if isinstance(arguments, str) else dict(arguments)
+    args = json.loads(arguments) if isinstance(arguments, str) else arguments
+    if not isinstance(args, dict):
+        raise TraceError(f"the arguments of tool call {name!r} are not a JSON object")
+    args = dict(args)
     message = args.pop("message", content or "")
     thought = args.pop("thought", "")
     return Action(thought=thought, action=name, args=args, message=message)
 
 
-def parse_openai_messages(messages: list[dict]) -> tuple[list[Entry], list[Action]]:
+def _text(content: object, where: str) -> str:
+    """A message's content: a string, or OpenAI's list of text parts joined."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+        return "\n".join(p["text"] for p in content)
+    raise TraceError(f"{where}.content is neither a string nor a list of text parts")
+
+
+def parse_openai_messages(messages: list) -> tuple[list[Entry], list[Action]]:
     """The transcript and the agent's actions of OpenAI-style messages (system messages are skipped)."""
     transcript, actions = [], []
     for i, m in enumerate(messages):
-        role, content = m.get("role"), m.get("content") or ""
+        if not isinstance(m, dict):
+            raise TraceError(f"messages[{i}] is not an object")
+        role, content = m.get("role"), _text(m.get("content"), f"messages[{i}]")
         if role == "user":
             transcript.append(Entry("customer", content))
         elif role == "tool":
             transcript.append(Entry("tool", content))
         elif role == "assistant":
             try:
-                if m.get("tool_calls"):
-                    action = _action_from_tool_call(m["tool_calls"][0], content)
+                calls = m.get("tool_calls")
+                if calls:
+                    if not isinstance(calls, list):
+                        raise TraceError(f"messages[{i}].tool_calls is not a list")
+                    action = _action_from_tool_call(calls[0], content)
                 else:
                     parsed = parse_action(content)
                     if parsed.action is None:
@@ -82,6 +117,8 @@ def parse_openai_messages(messages: list[dict]) -> tuple[list[Entry], list[Actio
                     action = parsed.action
             except (ValidationError, json.JSONDecodeError) as e:
                 raise TraceError(f"messages[{i}]: invalid action: {str(e).splitlines()[0]}") from None
+            except RecursionError:
+                raise TraceError(f"messages[{i}]: the action is nested too deeply") from None
             actions.append(action)
             transcript.append(Entry("agent", action.to_json()))
     return transcript, actions
@@ -90,6 +127,8 @@ def parse_openai_messages(messages: list[dict]) -> tuple[list[Entry], list[Actio
 def _parse_native(obj: dict) -> tuple[list[Entry], list[Action]]:
     transcript, actions = [Entry("customer", str(obj.get("opening", "")))], []
     for i, step in enumerate(obj["steps"]):
+        if not isinstance(step, dict):
+            raise TraceError(f"steps[{i}] is not an object")
         try:
             action = Action.model_validate(step.get("action"))
         except ValidationError as e:
@@ -109,6 +148,8 @@ def parse_trace(line: str, companies: set[str]) -> Trace:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise TraceError(f"not valid JSON: {e.msg} at column {e.colno}") from None
+    except RecursionError:
+        raise TraceError("JSON nested too deeply") from None
     if not isinstance(obj, dict):
         raise TraceError("a trace must be a JSON object")
     if not isinstance(obj.get("id"), str) or not obj["id"]:
@@ -132,33 +173,91 @@ def _peek_id(line: str) -> str:
         obj = json.loads(line)
         if isinstance(obj, dict) and isinstance(obj.get("id"), str) and obj["id"]:
             return obj["id"]
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         pass
     return "rejected-" + hashlib.sha256(line.encode()).hexdigest()[:16]
 
 
+def _canonical(line: str) -> str:
+    """The content a line stands for: the same JSON with other spacing or key order is the same."""
+    try:
+        return json.dumps(json.loads(line), sort_keys=True, ensure_ascii=False)
+    except (json.JSONDecodeError, RecursionError):
+        return line
+
+
+def store_version(store: Store, row: TraceRow, where: str = "") -> tuple[str, TraceRow | None]:
+    """Store one ingested line as a version of its trace id (call inside a transaction).
+
+    Returns what happened and the stored row: 'duplicate' (a version has this content; nothing
+    stored), 'accepted', 'fixed' (accepted where only rejected versions were), 'conflict' (valid,
+    but the id is already accepted with other content: kept, never corrected or trained on) or
+    'rejected'. A valid line identical to a rejected version (its company was unknown then) is a fix.
+    """
+    trace_id = row.trace_id or row.id
+    versions = store.trace_versions(trace_id)
+    content = _canonical(row.raw)
+    same = [v for v in versions if _canonical(v.raw) == content]
+    if same and (row.status == "rejected" or any(v.status != "rejected" for v in same)):
+        return "duplicate", None
+    outcome = row.status
+    live = [v for v in versions if v.status not in ("rejected", "conflict")]
+    if row.status == "accepted" and live:
+        first = live[0]
+        origin = f"{Path(first.source_file).name}:{first.line_no}" if first.line_no else first.source_file
+        row = dataclasses.replace(row, status="conflict", error=(
+            f"{where}trace id {trace_id!r} is taken by other content: version {first.id!r} ({first.status}, from {origin}); "
+            "this one is kept as a conflict, never corrected or trained on"))
+        outcome = "conflict"
+    elif row.status == "accepted" and versions:
+        outcome = "fixed"
+    n = len(versions) + 1
+    key = trace_id if n == 1 else f"{trace_id}#{n}"
+    while store.trace(key) is not None:  # another trace's own id may look like a version key
+        n += 1
+        key = f"{trace_id}#{n}"
+    row = dataclasses.replace(row, id=key, trace_id=trace_id)
+    store.add_trace(row)
+    return outcome, row
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def ingested_before(store: Store, digest: str) -> bool:
+    """Whether a file with exactly these bytes was ingested already (the `ingested` events)."""
+    return any(e.payload.get("sha256") == digest for e in store.events(kind="ingested"))
+
+
 def ingest_file(store: Store, path: Path, companies: set[str]) -> IngestSummary:
-    """Store every line of `path` (raw kept); count accepted, duplicate and rejected lines."""
+    """Store every line of `path` (raw kept) as a version of its trace; count what happened.
+
+    The whole file is one transaction, recorded by an `ingested` event with the file's digest:
+    a crash leaves it either ingested entirely or not at all."""
+    data = path.read_bytes()
+    text = data.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
     summary = IngestSummary()
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line_no, line in enumerate(f, start=1):
-            line = line.rstrip("\n")
+    with store.transaction():
+        for line_no, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
+            where = f"{path.name}:{line_no}: "
             try:
                 trace = parse_trace(line, companies)
                 row = TraceRow(id=trace.id, company_id=trace.company_id, format=trace.format, raw=line, status="accepted",
                                failure_note=trace.failure_note, source_file=str(path), line_no=line_no)
                 summary.readable += 1
             except TraceError as e:
-                error = f"{path.name}:{line_no}: {e}"
-                row = TraceRow(id=_peek_id(line), format="unknown", raw=line, status="rejected", error=error,
+                row = TraceRow(id=_peek_id(line), format="unknown", raw=line, status="rejected", error=f"{where}{e}",
                                source_file=str(path), line_no=line_no)
-            if not store.add_trace(row):
-                summary.duplicate += 1
-            elif row.status == "accepted":
-                summary.accepted += 1
-            else:
-                summary.rejected += 1
-                summary.errors.append(row.error or "")
+            outcome, stored = store_version(store, row, where)
+            summary.accepted += outcome in ("accepted", "fixed")
+            summary.fixed += outcome == "fixed"
+            summary.duplicate += outcome == "duplicate"
+            summary.conflict += outcome == "conflict"
+            summary.rejected += outcome == "rejected"
+            if outcome in ("rejected", "conflict"):
+                (summary.errors if outcome == "rejected" else summary.conflicts).append(stored.error or "")  # type: ignore[union-attr]
+        store.log_event("ingested", file=str(path), sha256=hashlib.sha256(data).hexdigest(), **summary.counts())
     return summary

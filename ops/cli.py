@@ -218,7 +218,7 @@ def run_cmd(rounds: int | None, config_file: Path | None, sets: tuple[str, ...],
     rt = build_runtime(cfg, progress=not log_json)
     if rounds is None:
         triggers = Triggers(retrain_min_examples=cfg.retrain_min_examples, retrain_every_minutes=cfg.retrain_every_minutes,
-                            inbox=Path(cfg.inbox), agreements=cfg.production_agreements, weight=cfg.production_weight)
+                            inbox=Path(cfg.inbox), inbox_every_s=cfg.inbox_every_seconds, agreements=cfg.production_agreements, weight=cfg.production_weight)
         code = Daemon(rt, cfg.db, triggers).run()
         # A unit abandoned on stop still runs in a worker thread that a normal exit would wait for.
         import ray
@@ -344,8 +344,10 @@ def ingest_cmd(files: tuple[Path, ...], config_file: Path | None, sets: tuple[st
     """Store production traces (JSONL, OpenAI-messages or native format), one per line.
 
     Each line is validated on its own: a bad line is stored as rejected with an error naming it,
-    the good lines go on, and a trace id seen before is stored once. Exits 1 only when no line of
-    any file could be read.
+    and the good lines go on. Every version of a trace id is kept: the same content again is a
+    duplicate (not stored twice), a valid line whose id was only rejected before is accepted (a
+    fix), and other content under an accepted id is stored as a reported conflict. Exits 1 only
+    when no line of any file could be read.
     """
     from loop.ingest import IngestSummary, ingest_file
     from loop.records import register_packs
@@ -368,17 +370,16 @@ def ingest_cmd(files: tuple[Path, ...], config_file: Path | None, sets: tuple[st
         if not path.exists():
             click.echo(f"{path}: no such file", err=True)
             continue
-        result = ingest_file(store, path, {p.id for p in packs})
-        total.accepted, total.duplicate, total.rejected, total.readable = (
-            total.accepted + result.accepted, total.duplicate + result.duplicate, total.rejected + result.rejected, total.readable + result.readable)
-        total.errors += result.errors
-    out = {"accepted": total.accepted, "duplicate": total.duplicate, "rejected": total.rejected, "errors": total.errors}
+        total.add(ingest_file(store, path, {p.id for p in packs}))
+    out = {**total.counts(), "errors": total.errors, "conflicts": total.conflicts}
     if not as_json:
-        click.echo(f"accepted {total.accepted}, duplicate {total.duplicate}, rejected {total.rejected}")
-        for error in total.errors[:10]:
-            click.echo(f"  rejected {error}")
-        if len(total.errors) > 10:
-            click.echo(f"  ... and {len(total.errors) - 10} more (see the traces table)")
+        fixed = f" ({total.fixed} fixing rejected versions)" if total.fixed else ""
+        click.echo(f"accepted {total.accepted}{fixed}, duplicate {total.duplicate}, conflict {total.conflict}, rejected {total.rejected}")
+        for kind, lines in (("conflict", total.conflicts), ("rejected", total.errors)):
+            for line in lines[:10]:
+                click.echo(f"  {kind} {line}")
+            if len(lines) > 10:
+                click.echo(f"  ... and {len(lines) - 10} more {kind} (see the traces table)")
     if correct and total.readable:
         from loop.production import correct_traces
 

@@ -65,7 +65,8 @@ class Config:
     # the daemon
     retrain_min_examples: int = _f(50, "The daemon retrains once this many new accepted examples exist...")
     retrain_every_minutes: float = _f(60.0, "...or once this many minutes passed since the last training (with any new example).")
-    inbox: str = _f("inbox", "Folder the daemon watches for production trace files (*.jsonl).")
+    inbox: str = _f("inbox", "Folder the daemon watches for production trace files (*.jsonl; write elsewhere, then move them in).")
+    inbox_every_seconds: float = _f(60.0, "How often the daemon scans the inbox.")
     # the console
     operators_file: str = _f("operators.toml", "Who may log in to `apprentice console`: names, roles and token hashes (`apprentice console add-operator`).")
     # the cluster
@@ -86,6 +87,8 @@ class Config:
             allowed = get_args(get_type_hints(Config)[name])
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.inbox_every_seconds <= 0:
+            raise ValueError(f"inbox_every_seconds must be > 0, got {self.inbox_every_seconds}")
         if self.warm_start_tickets < 0 or self.rollout_tickets < 0 or self.epochs <= 0:
             raise ValueError("warm_start_tickets and rollout_tickets must be >= 0, epochs > 0")
 

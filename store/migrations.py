@@ -162,8 +162,17 @@ def m001_initial(db: Database) -> None:
         db.execute(sql)
 
 
+def m002_trace_versions(db: Database) -> None:
+    """A trace id may have several stored versions (a rejected line and its fix, a conflicting
+    reuse of the id): `traces.id` becomes the key of one version, `trace_id` the id they share."""
+    db.execute("ALTER TABLE traces ADD COLUMN trace_id TEXT")
+    db.execute("UPDATE traces SET trace_id = id")
+    db.execute("CREATE INDEX traces_trace_id ON traces(trace_id)")
+
+
 MIGRATIONS: list[Callable[[Database], None]] = [
     m001_initial,
+    m002_trace_versions,
 ]
 
 

@@ -128,17 +128,20 @@ class ExampleRow:
 
 @dataclass(frozen=True, kw_only=True)
 class TraceRow:
-    id: str  # the trace id; the same id ingested twice is stored once
+    id: str  # this version's key: the trace id for its first version, '<trace id>#2', '#3'... after
     company_id: str | None = None  # None when the line did not name one we could read
     format: str  # 'openai' | 'native' | 'unknown'
     raw: str  # the line as ingested, always kept
-    status: str  # 'accepted' | 'rejected' (see error) | 'corrected' | 'no_error' | 'review'
+    # 'accepted' | 'rejected' (see error) | 'conflict' (its id names other content, see error) |
+    # 'served' | 'corrected' | 'no_error' | 'review' | 'review_rejected'
+    status: str
     error: str | None = None
     failure_note: str | None = None
     source_file: str = ""
     line_no: int | None = None
     created_at: str = field(default_factory=utc_now)
     updated_at: str = field(default_factory=utc_now)
+    trace_id: str | None = None  # the id its versions share; the store sets it to `id` when None
 
 
 @dataclass(frozen=True, kw_only=True)

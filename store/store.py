@@ -180,12 +180,17 @@ class Store:
     # -- production traces ---------------------------------------------------------------------
 
     def add_trace(self, row: TraceRow) -> bool:
-        """Store a trace; False (and nothing changes) if its id is already stored."""
+        """Store a trace version; False (and nothing changes) if its key `id` is already stored."""
+        row = row if row.trace_id is not None else dataclasses.replace(row, trace_id=row.id)
         with self.transaction():
             if self.db["traces"].count_where("id = ?", [row.id]):
                 return False
             self.db["traces"].insert(to_record(row))
             return True
+
+    def trace_versions(self, trace_id: str) -> list[TraceRow]:
+        """Every stored version of one trace id, oldest first."""
+        return self._select(TraceRow, "traces", "created_at, id", trace_id=trace_id)
 
     def set_trace_status(self, trace_id: str, status: str, *, error: str | None = None, failure_note: str | None = None) -> None:
         """New status (and error); a `failure_note`, when given, is recorded too."""

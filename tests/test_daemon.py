@@ -133,3 +133,39 @@ def test_a_due_retrain_takes_the_turn_before_more_collection(tmp_path, monkeypat
     assert collected == []  # 3 new examples meet the trigger: retrain goes first
     daemon.Daemon(rt, db, daemon.Triggers(retrain_min_examples=4)).collect_job()
     assert collected == [1]
+
+
+def test_the_inbox_ingests_each_file_once_even_when_stopped_before_the_move(tmp_path, monkeypatch):
+    """A stop between a file's ingest transaction and its move to done/ leaves it in the inbox; the
+    next scan recognizes it by its digest and only moves it. A later file of the same name keeps both."""
+    from environments.pack import load_pack
+    from loop import daemon
+    from loop.records import register_packs
+    from loop.round import Runtime
+    from policies.teacher import OracleTeacher
+    from tests.test_ingest import openai_line
+
+    pack = load_pack(ROOT / "tests" / "data" / "acme")
+    db, inbox = tmp_path / "a.db", tmp_path / "inbox"
+    inbox.mkdir()
+    store = Store.open(db)
+    register_packs(store, [pack])
+    rt = Runtime(store=store, packs=[pack], student=None, teacher=OracleTeacher(), train=None, model_dir=tmp_path, base_model="tiny",
+                 adapters_dir=tmp_path, settings=None, lora=None)
+    job = daemon.Daemon(rt, db, daemon.Triggers(inbox=inbox))
+    (inbox / "a.jsonl").write_text(openai_line("i1") + "\n" + openai_line("i2") + "\n")
+
+    def killed(path):
+        raise SystemExit("killed before the move")
+
+    monkeypatch.setattr(daemon, "_move_to_done", killed)
+    with pytest.raises(SystemExit):
+        job.inbox_job()
+    assert store.count("traces") == 2 and (inbox / "a.jsonl").exists()
+    monkeypatch.undo()
+    job.inbox_job()  # the restart's first scan
+    assert not (inbox / "a.jsonl").exists() and (inbox / "done" / "a.jsonl").exists()
+    assert [e.payload["accepted"] for e in store.events(kind="ingested")] == [2]  # ingested once
+    (inbox / "a.jsonl").write_text(openai_line("i3") + "\n")  # a new export under the same name
+    job.inbox_job()
+    assert sorted(p.name for p in (inbox / "done").iterdir()) == ["a.2.jsonl", "a.jsonl"] and store.count("traces") == 3

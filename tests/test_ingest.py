@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from environments.actions import Action
 from loop.ingest import MAX_LINE_BYTES, ingest_file, parse_trace
 from ops.cli import main
-from store import Store
+from store import CompanyRow, Store
 
 REPLY = Action(action="reply", message="Refunds take 5 business days.").model_dump()
 SEARCH = {"action": "search_kb", "args": {"query": "refunds"}, "message": "", "thought": ""}
@@ -70,7 +70,7 @@ def test_cli_exit_codes(tmp_path):
     bad.write_text("{oops\n")
     args = ["--set", "packs=tests/data/acme", "--db", str(tmp_path / "a.db")]
     ok = CliRunner().invoke(main, ["ingest", str(good), *args])
-    assert ok.exit_code == 0 and "accepted 1, duplicate 0, rejected 1" in ok.output and "good.jsonl:2: not valid JSON" in ok.output
+    assert ok.exit_code == 0 and "accepted 1, duplicate 0, conflict 0, rejected 1" in ok.output and "good.jsonl:2: not valid JSON" in ok.output
     nothing = CliRunner().invoke(main, ["ingest", str(bad), *args])
     assert nothing.exit_code == 1
     mixed = tmp_path / "mixed.jsonl"
@@ -205,3 +205,112 @@ def test_production_rows_reach_the_next_training(tmp_path, tiny_model_dir):
     summary = retrain(rt, 1, RoundSummary(1, "test"))
     assert production.messages in trained_on
     assert summary.trained_on == {"production": 1} and store.adapter(summary.version).config["sources"] == {"production": 1}
+
+
+# --- every version is kept: a fixed line is accepted, a reused id is a reported conflict ------------
+
+
+def versions_file(tmp_path, name, *lines):
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_a_fixed_line_is_accepted_and_its_rejected_version_stays(tmp_path):
+    store, packs = ingested(tmp_path)
+    broken = native_line("t7").replace('"refunds"', '"refunds"').replace('"search_kb"', '"search_everything"')
+    first = ingest_file(store, versions_file(tmp_path, "a.jsonl", broken), {"acme-widgets"})
+    assert (first.accepted, first.rejected) == (0, 1) and "a.jsonl:1: steps[0]: invalid action" in first.errors[0]
+    fixed = ingest_file(store, versions_file(tmp_path, "b.jsonl", native_line("t7")), {"acme-widgets"})
+    assert (fixed.accepted, fixed.fixed, fixed.duplicate, fixed.conflict) == (1, 1, 0, 0)
+    old, new = store.trace_versions("t7")
+    assert (old.id, old.status, old.raw) == ("t7", "rejected", broken)  # kept for the audit
+    assert (new.id, new.status, new.raw) == ("t7#2", "accepted", native_line("t7"))
+    assert [t.id for t in store.traces(status="accepted")] == ["t7#2"]  # what the teacher corrects next
+    again = ingest_file(store, versions_file(tmp_path, "c.jsonl", broken, native_line("t7")), {"acme-widgets"})
+    assert (again.accepted, again.duplicate, again.rejected) == (0, 2, 0) and store.count("traces") == 2
+
+
+def test_the_issues_reason_code_case_through_the_cli(tmp_path):
+    """Issue 15: a line with an unknown reason code, then the same id with the right one."""
+    line = json.loads(openai_line("r1"))
+    line["messages"][-1]["content"] = json.dumps(ESCALATE.model_dump() | {"args": {"reason": "nope"}})
+    args = ["--set", "packs=tests/data/acme", "--db", str(tmp_path / "a.db")]
+    bad = CliRunner().invoke(main, ["ingest", str(versions_file(tmp_path, "bad.jsonl", json.dumps(line))), *args])
+    assert "accepted 0, duplicate 0, conflict 0, rejected 1" in bad.output
+    line["messages"][-1]["content"] = ESCALATE.to_json()
+    good = CliRunner().invoke(main, ["ingest", str(versions_file(tmp_path, "good.jsonl", json.dumps(line))), *args])
+    assert good.exit_code == 0 and "accepted 1 (1 fixing rejected versions), duplicate 0, conflict 0, rejected 0" in good.output
+    assert [t.status for t in Store.open(tmp_path / "a.db").trace_versions("r1")] == ["rejected", "accepted"]
+
+
+def test_a_reused_id_with_other_content_is_a_reported_conflict(tmp_path):
+    store, packs = ingested(tmp_path, openai_line("p1"))
+    other = openai_line("p1", failure_note="a different conversation")
+    respaced = json.dumps(json.loads(openai_line("p1")), indent=1).replace("\n", " ")  # same content, other spacing
+    result = ingest_file(store, versions_file(tmp_path, "later.jsonl", respaced, other, other), {"acme-widgets"})
+    assert (result.accepted, result.duplicate, result.conflict, result.rejected) == (0, 2, 1, 0)
+    (message,) = result.conflicts
+    assert message.startswith("later.jsonl:2: trace id 'p1' is taken by other content: version 'p1' (accepted, from t.jsonl:1)")
+    first, conflict = store.trace_versions("p1")
+    assert conflict.status == "conflict" and conflict.raw == other and first.status == "accepted"
+    # A conflict is never corrected: only the first version goes to the teacher.
+    teacher = QueueTeacher([Judgement(1, ESCALATE, "outside the window")] * 2)
+    assert correct_traces(store, teacher, packs, agreements=2).corrected == 1 and teacher.queue == []
+    assert [e.trace_id for e in store.episodes(run_kind="production")] == ["p1"]
+    # Later versions of a corrected trace conflict too, and the counts say so.
+    out = CliRunner().invoke(main, ["ingest", str(versions_file(tmp_path, "x.jsonl", openai_line("p1", failure_note="third"))),
+                                    "--set", "packs=tests/data/acme", "--db", str(tmp_path / "p.db"), "--json"])
+    parsed = json.loads(out.output)
+    assert parsed["conflict"] == 1 and parsed["accepted"] == 0 and "version 'p1' (corrected" in parsed["conflicts"][0]
+    assert [t.id for t in store.trace_versions("p1")] == ["p1", "p1#2", "p1#3"]
+
+
+def test_a_line_rejected_for_an_unknown_company_is_accepted_once_the_pack_exists(tmp_path):
+    store, _ = ingested(tmp_path)
+    path = versions_file(tmp_path, "a.jsonl", openai_line("g1", company="globex"))
+    assert ingest_file(store, path, {"acme-widgets"}).rejected == 1
+    assert ingest_file(store, path, {"acme-widgets"}).duplicate == 1  # identical and still invalid: a no-op
+    store.upsert_companies([CompanyRow(id="globex", name="Globex", domain="saas", split="train")])
+    assert ingest_file(store, path, {"acme-widgets", "globex"}).fixed == 1
+
+
+def test_a_file_is_ingested_whole_or_not_at_all(tmp_path, monkeypatch):
+    from loop import ingest
+    from loop.ingest import file_digest, ingested_before
+
+    store, _ = ingested(tmp_path)
+    path = versions_file(tmp_path, "a.jsonl", openai_line("a1"), openai_line("a2"), openai_line("a3"))
+    real, calls = ingest.store_version, []
+
+    def crash_on_the_third(store, row, where=""):
+        calls.append(row.id)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the process dies mid-file
+        return real(store, row, where)
+
+    monkeypatch.setattr(ingest, "store_version", crash_on_the_third)
+    try:
+        ingest_file(store, path, {"acme-widgets"})
+    except KeyboardInterrupt:
+        pass
+    assert store.count("traces") == 0 and not ingested_before(store, file_digest(path))
+    monkeypatch.setattr(ingest, "store_version", real)
+    assert ingest_file(store, path, {"acme-widgets"}).accepted == 3 and ingested_before(store, file_digest(path))
+
+
+def test_the_migration_keeps_old_traces_as_first_versions(tmp_path):
+    from store import migrations
+    from store.db import connect
+
+    db = connect(tmp_path / "old.db")
+    migrations.MIGRATIONS, saved = migrations.MIGRATIONS[:1], migrations.MIGRATIONS
+    try:
+        migrations.migrate(db)
+        db["traces"].insert({"id": "old-1", "format": "native", "raw": "{}", "status": "accepted", "source_file": "x",
+                             "created_at": "2026-01-01", "updated_at": "2026-01-01"})
+    finally:
+        migrations.MIGRATIONS = saved
+    db.close()
+    store = Store.open(tmp_path / "old.db")
+    assert [(t.id, t.trace_id) for t in store.trace_versions("old-1")] == [("old-1", "old-1")]
