@@ -20,9 +20,9 @@ from environments.actions import Action
 from environments.episode import SupportEpisode
 from loop.evaluate import advance
 from policies.policy import Policy
-from policies.teacher import Teacher, TeacherContext, Trajectory, Usage
+from policies.teacher import Teacher, TeacherContext, TeacherUnavailable, Trajectory, Usage
 
-Fate = Literal["clean", "clean_skipped", "repaired", "rejected_correction", "repair_cap", "unverified_outcome"]
+Fate = Literal["clean", "clean_skipped", "repaired", "rejected_correction", "repair_cap", "unverified_outcome", "teacher_failed"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,7 @@ class Corrected:
     teacher_steps: set[int] = field(default_factory=set)  # indices of `current.steps` the teacher wrote
     fate: Fate | None = None
     judge_usage: Usage = Usage()  # judgements that found no error cost too
+    teacher_error: str | None = None  # why the teacher gave no judgement (fate teacher_failed)
 
     @property
     def kept(self) -> bool:
@@ -85,7 +86,12 @@ def score_correct(
 def _judge_once(item: Corrected, teacher: Teacher, max_repairs: int, keep_clean: float, rng: random.Random) -> None:
     episode = item.current
     context = TeacherContext(episode.pack, episode.ticket)
-    judgement = teacher.judge(Trajectory.of(episode), context)
+    try:
+        judgement = teacher.judge(Trajectory.of(episode), context)
+    except TeacherUnavailable as e:  # the trajectory is not kept; its verified repairs so far are stored
+        item.judge_usage += e.usage
+        item.fate, item.teacher_error = "teacher_failed", str(e)
+        return
     if judgement.first_error is None:
         item.judge_usage += judgement.usage
         if not episode.result().resolved:

@@ -273,6 +273,8 @@ def store_corrected(store: Store, teacher: str, item: Corrected, round_no: int, 
                 status="accepted" if r.verified else "rejected", prompt_tokens=r.usage.prompt_tokens,
                 completion_tokens=r.usage.completion_tokens, cost_usd=r.usage.cost_usd, round=round_no,
             ))
+        if item.fate == "teacher_failed":
+            store.log_event("teacher_failed", episode_id=rollout_id, round=round_no, error=item.teacher_error)
         if not item.kept:
             return 0
         final = item.current

@@ -34,7 +34,7 @@ from environments.episode import Entry  # noqa: E402
 from environments.pack import Ticket  # noqa: E402
 from policies.protocol import ACTION_CONTRACT, parse_action, system_prompt  # noqa: E402
 from policies.redaction import Redactor  # noqa: E402
-from policies.teacher import Demonstration, Judgement, TeacherContext, Trajectory, Usage  # noqa: E402
+from policies.teacher import Demonstration, Judgement, TeacherContext, TeacherUnavailable, Trajectory, Usage  # noqa: E402
 
 # Otherwise litellm prints a "Give Feedback / Get Help" banner on stdout for every failed call,
 # including the ones we retry on purpose.
@@ -55,16 +55,13 @@ _JITTER = 0.25  # each backoff is stretched by up to 25%, so parallel callers do
 T = TypeVar("T")
 
 
-class BudgetExceeded(RuntimeError):
+class BudgetExceeded(TeacherUnavailable):
     """The teacher reached its `budget_usd` or `max_calls` cap; no request was sent."""
 
 
-class TeacherError(RuntimeError):
-    """The teacher gave no valid answer: a non-retryable HTTP error, or every attempt failed."""
-
-    def __init__(self, message: str, usage: Usage):
-        super().__init__(message)
-        self.usage = usage  # what the failed attempts cost (also counted in the teacher's `spent`)
+class TeacherError(TeacherUnavailable):
+    """The teacher gave no valid answer: a non-retryable HTTP error, or every attempt failed. Its
+    `usage` is what the failed attempts cost (also counted in the teacher's `spent`)."""
 
 
 class _JudgeAnswer(BaseModel):

@@ -14,7 +14,10 @@ from environments.actions import Action
 from environments.episode import SupportEpisode
 from policies.protocol import render_messages
 from policies.student import Student
-from policies.teacher import Teacher, TeacherContext, Trajectory, Usage
+from policies.teacher import Teacher, TeacherContext, TeacherUnavailable, Trajectory, Usage
+
+
+TEACHER_FAILED = "teacher unavailable: "  # how a demonstration step the teacher could not give is stored
 
 
 class Policy(Protocol):
@@ -46,7 +49,12 @@ class TeacherPolicy:
         out = []
         for e in episodes:
             context = TeacherContext(e.pack, e.ticket if self.privileged else None)
-            demo = self.teacher.demonstrate(Trajectory.of(e), context)
+            try:
+                demo = self.teacher.demonstrate(Trajectory.of(e), context)
+            except TeacherUnavailable as error:  # kept as this step's raw text: an invalid step ends the episode unresolved
+                self.usage += error.usage
+                out.append(f"{TEACHER_FAILED}{error}")
+                continue
             self.usage += demo.usage
             out.append(demo.action.to_json())
         return out

@@ -45,6 +45,15 @@ class Usage:
                      self.completion_tokens + other.completion_tokens, self.cost_usd + other.cost_usd)
 
 
+class TeacherUnavailable(RuntimeError):
+    """The teacher gave no answer this time (every attempt failed, or its budget is spent); `usage`
+    is what the failed attempts cost. The loop records it, skips that item and goes on."""
+
+    def __init__(self, message: str, usage: Usage = Usage()):
+        super().__init__(message)
+        self.usage = usage
+
+
 @dataclass(frozen=True)
 class Judgement:
     first_error: int | None  # index into trajectory.actions; None when every step is right
