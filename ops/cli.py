@@ -405,9 +405,11 @@ def ingest_cmd(files: tuple[Path, ...], config_file: Path | None, sets: tuple[st
 @click.option("--token-env", default="APPRENTICE_TOKEN", show_default=True, help="Environment variable holding the bearer token clients must send.")
 @click.option("--max-body-bytes", type=int, default=64_000, show_default=True, help="Larger requests get 413.")
 @click.option("--max-messages", type=int, default=64, show_default=True, help="Conversations with more messages get 422.")
+@click.option("--max-queue", type=int, default=16, show_default=True,
+              help="Requests admitted at once (one generates, the rest wait); more get 503 with Retry-After.")
 @click.option("--json-mode", is_flag=True, help="Constrain the student's output to start and end as one JSON object.")
 def serve_cmd(config_file: Path | None, sets: tuple[str, ...], db: str | None, host: str, port: int, token_env: str,
-              max_body_bytes: int, max_messages: int, json_mode: bool) -> None:
+              max_body_bytes: int, max_messages: int, max_queue: int, json_mode: bool) -> None:
     """Answer OpenAI chat completions with the promoted adapter; the model name is a company pack id.
 
     Every answer is stored as a production trace; POST /v1/feedback with a completion's id and a
@@ -430,7 +432,7 @@ def serve_cmd(config_file: Path | None, sets: tuple[str, ...], db: str | None, h
     student = HFStudent(resolve_model(cfg.model), load_in_4bit=cfg.load_in_4bit, batch_size=1, max_new_tokens=cfg.max_new_tokens,
                         json_mode=json_mode, seed=cfg.seed)
     service = Service(cfg.db, packs, student, build_teacher(cfg), token=token, agreements=cfg.production_agreements,
-                      weight=cfg.production_weight, limits=Limits(max_body_bytes=max_body_bytes, max_messages=max_messages))
+                      weight=cfg.production_weight, limits=Limits(max_body_bytes=max_body_bytes, max_messages=max_messages, max_queue=max_queue))
     uvicorn.run(create_app(service), host=host, port=port, log_level="info")
 
 

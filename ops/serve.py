@@ -10,6 +10,8 @@
 Messages follow the ingest format: user turns are the customer, `tool` turns are the results of
 the agent's actions (your bot runs them), assistant turns are earlier actions (JSON content or
 `tool_calls`); the system prompt is the company pack's policy, so a client's is ignored.
+Generation is serialized (one student, one lock), so admission is bounded: past `max_queue`
+requests inside an endpoint, a request is answered 503 with a Retry-After at once.
 Every answer is stored as a production trace with status `served`, named by the completion's id;
 feedback turns it into a reported failure. Before each answer the server checks the store's
 promoted pointer and swaps adapters (verified by the probe log-probs) when it moved.
@@ -18,10 +20,13 @@ promoted pointer and swaps adapters (verified by the probe log-probs) when it mo
 from __future__ import annotations
 
 import json
+import math
 import secrets
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -38,22 +43,21 @@ from loop.records import register_packs
 from loop.train import PROBE_TEXTS
 from loop.workers import AdapterSwapError, check_probe
 from policies.hf import HFStudent
-from policies.litellm_teacher import BudgetExceeded, TeacherError
 from policies.protocol import parse_action, render_messages
-from policies.teacher import OracleTeacher, Teacher
+from policies.teacher import OracleTeacher, Teacher, TeacherUnavailable
 from store import Store, TraceRow
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
+        self.status, self.message, self.kind, self.headers = status, message, kind, headers
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")  # name, tool_call_id, ... are accepted and ignored
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | None = None
+    content: str | list[dict] | None = None  # a string, or a list of text parts
     tool_calls: list[dict] | None = None
 
 
@@ -72,6 +76,37 @@ class FeedbackRequest(BaseModel):
 class Limits:
     max_body_bytes: int = 64_000
     max_messages: int = 64
+    max_queue: int = 16  # requests admitted at once per endpoint (answering + waiting); more get 503 + Retry-After
+
+
+class Admission:
+    """Bounded admission: at most `limit` requests inside at once. Generation is serialized, so a
+    longer queue would only add latency until clients time out; past the limit a request is
+    answered 503 at once, with a Retry-After of the expected wait (the queue times the recent
+    service time)."""
+
+    def __init__(self, limit: int, what: str):
+        self.limit, self.what, self.inside = limit, what, 0
+        self.service_s = 1.0  # moving average of one request's own service time (not its wait)
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        with self._lock:
+            if self.inside >= self.limit:
+                wait = max(1, math.ceil(self.inside * self.service_s))
+                raise ApiError(503, f"{self.inside} {self.what} requests are already queued (the limit); retry in {wait} s",
+                               "overloaded", {"Retry-After": str(wait)})
+            self.inside += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.inside -= 1
+
+    def observe(self, seconds: float) -> None:
+        with self._lock:
+            self.service_s = 0.8 * self.service_s + 0.2 * seconds
 
 
 class Service:
@@ -84,6 +119,7 @@ class Service:
         self.agreements, self.weight, self.limits = agreements, weight, limits
         self._lock = threading.Lock()
         self._local = threading.local()
+        self.completions, self.feedbacks = Admission(limits.max_queue, "completion"), Admission(limits.max_queue, "feedback")
         register_packs(self.store, packs)
 
     @property
@@ -120,8 +156,10 @@ class Service:
         except TraceError as e:
             raise ApiError(422, str(e)) from None
         with self._lock:
+            started = time.monotonic()
             self._follow_promotion()
             generation = self.student.generate_with_info([render_messages(pack.company, transcript)])[0]
+            self.completions.observe(time.monotonic() - started)
         parsed = parse_action(generation.text)
         conversation_id = f"chatcmpl-{uuid.uuid4().hex}"
         raw = json.dumps({"id": conversation_id, "company": pack.id,
@@ -149,12 +187,14 @@ class Service:
         if isinstance(self.teacher, OracleTeacher):  # it needs a simulated ticket's truth
             return {"conversation_id": trace.id, "status": "accepted",
                     "detail": "stored as a failure; the oracle teacher cannot judge production traces, configure a litellm teacher"}
+        started = time.monotonic()
         try:
             summary = correct_traces(self.store, self.teacher, list(self.packs.values()), agreements=self.agreements,
                                      weight=self.weight, only=trace.id)
-        except (TeacherError, BudgetExceeded) as e:
+        except TeacherUnavailable as e:
             raise ApiError(502, f"stored as a failure, but the teacher failed: {e}; `apprentice ingest --correct` or the "
                                 "daemon's inbox job corrects it later", "teacher_error") from None
+        self.feedbacks.observe(time.monotonic() - started)
         corrections = [c.id for e in self.store.episodes(trace_id=trace.id) for c in self.store.corrections(episode_id=e.id)]
         return {"conversation_id": trace.id, "status": self.store.trace(trace.id).status,  # type: ignore[union-attr]
                 "corrected": summary.corrected, "review": summary.review, "correction_ids": corrections}
@@ -165,7 +205,7 @@ def create_app(service: Service) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, e: ApiError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else e.headers
         return JSONResponse({"error": {"message": e.message, "type": e.kind, "code": e.status}}, e.status, headers=headers)
 
     def authorize(request: Request) -> None:
@@ -200,11 +240,13 @@ def create_app(service: Service) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> dict:
         body = await read(request, ChatRequest)
-        return await run_in_threadpool(service.complete, body)
+        with service.completions.slot():
+            return await run_in_threadpool(service.complete, body)
 
     @app.post("/v1/feedback")
     async def feedback(request: Request) -> dict:
         body = await read(request, FeedbackRequest)
-        return await run_in_threadpool(service.feedback, body)
+        with service.feedbacks.slot():
+            return await run_in_threadpool(service.feedback, body)
 
     return app

@@ -165,3 +165,51 @@ def test_feedback_when_the_teacher_fails_keeps_the_failure(tmp_path, tiny_model_
     assert result.status_code == 502 and "ingest --correct" in result.json()["error"]["message"]
     trace = service.store.trace(served["id"])
     assert trace.status == "accepted" and trace.failure_note == "wrong"  # waits for the next correction
+
+
+def test_admission_is_bounded_past_the_queue_limit(tmp_path, tiny_model_dir, adapter):
+    """Generation is serialized: with max_queue=2, while two requests are inside a third is answered
+    503 at once with a Retry-After, and the two admitted ones are answered when generation frees."""
+    service = Service(tmp_path / "serve.db", [PACK], HFStudent(tiny_model_dir, batch_size=1, max_new_tokens=8), OracleTeacher(),
+                      token=TOKEN, limits=Limits(max_queue=2))
+    release, real = threading.Event(), service.student.generate_with_info
+
+    def slow_generation(prompts):
+        release.wait(30)
+        return real(prompts)
+
+    service.student.generate_with_info = slow_generation
+    client = TestClient(create_app(service))
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(ask(client))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while service.completions.inside < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    refused = ask(client)
+    assert refused.status_code == 503 and refused.json()["error"]["type"] == "overloaded"
+    assert int(refused.headers["retry-after"]) >= 1
+    release.set()
+    for t in threads:
+        t.join(30)
+    assert [r.status_code for r in results] == [200, 200] and service.completions.inside == 0
+    assert ask(client).status_code == 200  # admitted again once the queue drained
+
+
+def test_a_thousand_fuzzed_bodies_get_no_500(tmp_path, tiny_model_dir, adapter):
+    from collections import Counter
+
+    from tests.fuzz import fuzz_bodies
+
+    service = Service(tmp_path / "serve.db", [PACK], HFStudent(tiny_model_dir, batch_size=1, max_new_tokens=4), OracleTeacher(),
+                      token=TOKEN, limits=Limits(max_body_bytes=64_000, max_messages=64))
+    client = TestClient(create_app(service), raise_server_exceptions=False)
+    served = [ask(client).json()["id"] for _ in range(2)]
+    statuses = Counter()
+    for endpoint, body in fuzz_bodies(1000, company=PACK.id, seed=0, conversation_ids=served):
+        response = client.post(endpoint, content=body, headers={**AUTH, "Content-Type": "application/json"})
+        statuses[response.status_code] += 1
+        assert response.status_code < 500, (endpoint, body[:300], response.text[:300])
+        assert "error" in response.json() or response.status_code == 200
+    assert sum(statuses.values()) == 1000 and statuses[200] > 0 and statuses[422] > 0  # both paths were exercised
