@@ -580,5 +580,54 @@ def rollback_cmd(version: str | None, by: str, note: str, db: str) -> None:
     click.echo(f"promoted: {target or 'base model'} (rolled back by {by})")
 
 
+@main.group("console", invoke_without_command=True)
+@_config_option
+@_set_option
+@click.option("--db", default=None, help="SQLite store (config: db).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (keep loopback unless a TLS proxy fronts it).")
+@click.option("--port", type=int, default=8080, show_default=True, help="Port to listen on.")
+@click.pass_context
+def console_cmd(ctx: click.Context, config_file: Path | None, sets: tuple[str, ...], db: str | None, host: str, port: int) -> None:
+    """The operators' web console: overview, adapters, comparisons, approve/reject/rollback, review, audit log.
+
+    Operators log in with a token; `apprentice console add-operator NAME` makes one. Decisions go
+    through the same functions as `apprentice approve/reject/rollback/review`, with the same refusals.
+    """
+    from ops.console import OperatorsError, load_operators
+
+    cfg = _config(config_file, sets, db=db)
+    ctx.obj = {"cfg": cfg}
+    if ctx.invoked_subcommand is not None:
+        return
+    import uvicorn
+
+    from ops.console import Console, create_app
+    from ops.run import build_packs
+
+    _open_store(cfg.db).close()  # refuses a missing store
+    try:
+        console_app = Console(cfg.db, load_operators(cfg.operators_file), build_packs(cfg), production_weight=cfg.production_weight)
+    except OperatorsError as e:
+        raise click.UsageError(f"{e} (operators file: {cfg.operators_file})") from None
+    click.echo(f"apprentice console on http://{host}:{port} over {cfg.db} ({len(console_app.operators)} operators in {cfg.operators_file})")
+    uvicorn.run(create_app(console_app), host=host, port=port, log_level="warning")
+
+
+@console_cmd.command("add-operator")
+@click.argument("name")
+@click.option("--read-only", is_flag=True, help="May look at every page, may not decide.")
+@click.pass_context
+def console_add_operator(ctx: click.Context, name: str, read_only: bool) -> None:
+    """Add operator NAME to the operators file and print their login token (shown once; only its hash is kept)."""
+    from ops.console import OperatorsError, add_operator
+
+    path = ctx.obj["cfg"].operators_file
+    try:
+        token = add_operator(path, name, "read-only" if read_only else "operator")
+    except OperatorsError as e:
+        raise click.UsageError(str(e)) from None
+    click.echo(f"added {name} ({'read-only' if read_only else 'operator'}) to {path}; their token, shown once:\n{token}")
+
+
 if __name__ == "__main__":
     main()
