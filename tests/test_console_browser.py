@@ -7,6 +7,7 @@ import os
 import shutil
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 import uvicorn
@@ -34,20 +35,28 @@ def browser():
         browser.close()
 
 
-@pytest.fixture
-def console(tmp_path):
-    """The console under a real uvicorn on a free loopback port, over a seeded store."""
-    db = tmp_path / "apprentice.db"
-    seed_store(db, tmp_path / "adapters")
+@contextmanager
+def live_console(db):
+    """The console under a real uvicorn on a free loopback port; yields its URL."""
     server = uvicorn.Server(uvicorn.Config(create_app(Console(db, OPERATORS, HELDOUT)), host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.05)
-    yield db, f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def console(tmp_path):
+    db = tmp_path / "apprentice.db"
+    seed_store(db, tmp_path / "adapters")
+    with live_console(db) as url:
+        yield db, url
 
 
 @pytest.fixture
