@@ -100,6 +100,8 @@ def test_login_needs_a_known_token_and_the_forms_csrf(client, store_path):
     assert "HttpOnly" in cookie and "SameSite=strict" in cookie
     assert client.get("/api/decisions").status_code == 200  # the session cookie works for the API too
     assert TestClient(client.app).get("/api/status", headers={"Authorization": f"Bearer {TOKENS['lee']}"}).json()["promoted"] == "base"
+    client.post("/logout", data={"csrf": csrf_of(client.get("/").text)})
+    assert client.get("/", follow_redirects=False).status_code == 303 and client.get("/api/status").status_code == 401
 
 
 def test_every_page_renders_from_the_store(client):
