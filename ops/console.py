@@ -207,10 +207,10 @@ def j_plot(versions: list[tuple[str, str, dict]], height: int = 220) -> JPlot:
     width = max(360, left + step * len(versions) + 16)
     y = lambda v: top + (1 - v) / 2 * (height - top - bottom)  # noqa: E731 - the axis, in one place
     points = []
-    for i, (label, state, m) in enumerate(versions):
+    for i, (name, state, m) in enumerate(versions):
         low, high = m.get("calibration_j_ci", [None, None])
         value = m["calibration_j"]
-        points.append(PlotPoint(label, state, value, low, high, left + step * (i + 0.5), y(value),
+        points.append(PlotPoint(name, state, value, low, high, left + step * (i + 0.5), y(value),
                                 y(low if low is not None else value), y(high if high is not None else value)))
     return JPlot(width, height, left, width - 8, points, [(y(v), f"{v:+.1f}" if v else "0") for v in (1, 0.5, 0, -0.5, -1)])
 
@@ -370,7 +370,7 @@ def create_app(console: Console) -> FastAPI:
             rows, promoted = store.adapters(), store.promoted_version()
             base = store.evaluations("base")
         versions = [("base", "base", report(outcomes_of(base), by_company=False).as_json())] if base else []
-        versions += [(a.version, a.status, a.metrics) for a in rows if a.metrics.get("calibration_j") is not None]
+        versions = [v for v in versions + [(a.version, a.status, a.metrics) for a in rows] if v[2].get("calibration_j") is not None]
         return page(request, session, "adapters.html", adapters=rows[::-1], promoted=promoted, plot=j_plot(versions) if versions else None,
                     rollback_targets=[a.version for a in rows if a.status == "retired"])
 
