@@ -211,3 +211,21 @@ def test_cli_adds_operators_and_refuses_to_start_without_one(tmp_path, store_pat
     added = CliRunner().invoke(main, ["console", *args, "add-operator", "ana"])
     token = added.output.strip().splitlines()[-1]
     assert added.exit_code == 0 and load_operators(ops_file)[0].token_sha256 == token_hash(token)
+
+
+def test_overview_shows_a_daemon_running_on_the_same_store(client, store_path):
+    """The daemon holds the store's lock and beats in `meta`; the console only reads both."""
+    from datetime import datetime, timezone
+
+    from loop.daemon import lock_store
+    from loop.status import HEARTBEAT_KEY
+
+    login(client, "ana")
+    assert "stopped" in client.get("/").text
+    lock = lock_store(store_path)
+    try:
+        Store.open(store_path).set_meta(HEARTBEAT_KEY, json.dumps({"pid": 1, "at": datetime.now(timezone.utc).isoformat()}))
+        page = client.get("/").text
+        assert '<p class="big">running</p>' in page and re.search(r"last heartbeat \d+ s ago", page)
+    finally:
+        lock.close()
