@@ -125,6 +125,7 @@ class Daemon:
     def collect_job(self) -> None:
         if self.stopping.is_set() or self._retrain_due():
             return  # a due retrain takes the next turn before more is collected
+        log.info("collecting", round=self._round)
         summary = collect(self._rt(), self._round)
         log.info("collected", round=self._round, collector=summary.collector, examples_added=summary.examples_added,
                  teacher_calls=summary.teacher_usage.calls, seconds=round(summary.seconds["collect"], 1))
@@ -156,6 +157,7 @@ class Daemon:
             if ingested_before(rt.store, file_digest(path)):
                 log.info("already_ingested", file=path.name)
             else:
+                log.info("ingesting", file=path.name, bytes=path.stat().st_size)
                 result = ingest_file(rt.store, path, companies)
                 log.info("ingested", file=path.name, **result.counts())
             _move_to_done(path)

@@ -75,16 +75,31 @@ class RayStudentPool:
     """A `Student` made of `n` rollout actors: each `act` call is split across them."""
 
     def __init__(self, model_dir: Path, options: StudentOptions, *, n: int = 1, threads: int = 0):
-        gpu = 1 if ray.cluster_resources().get("GPU", 0) >= n else 0
-        self._workers = [RolloutWorker.options(num_gpus=gpu).remote(str(model_dir), options, _threads(threads)) for _ in range(n)]
-        self.adapter_id: str | None = None
+        self._args, self._n = (str(model_dir), options, _threads(threads)), n
+        self._workers: list = []
+        self._start_workers()
+
+    def _start_workers(self) -> None:
+        gpu = 1 if ray.cluster_resources().get("GPU", 0) >= self._n else 0
+        self._workers = [RolloutWorker.options(num_gpus=gpu).remote(*self._args) for _ in range(self._n)]
+        self.adapter_id: str | None = None  # fresh actors hold the base model
+
+    def _get(self, futures: list) -> list:
+        """ray.get; an actor that died (OOM-killed, say) is replaced by fresh ones on the base model,
+        and this call fails: the unit is retried, and its load_adapter swaps and verifies again."""
+        try:
+            return ray.get(futures)
+        except ray.exceptions.RayActorError:
+            self.shutdown()
+            self._start_workers()
+            raise
 
     def act(self, prompts: list[list[Message]]) -> list[str]:
         if not prompts:
             return []
         size = -(-len(prompts) // len(self._workers))
         futures = [w.act.remote(prompts[i : i + size]) for w, i in zip(self._workers, range(0, len(prompts), size))]
-        return [text for chunk in ray.get(futures) for text in chunk]
+        return [text for chunk in self._get(futures) for text in chunk]
 
     def load_adapter(self, path: str | Path | None) -> None:
         """Swap every actor to the adapter at `path` (None: the base) and verify the swap took: each
@@ -92,7 +107,7 @@ class RayStudentPool:
         name = Path(path).name if path else None
         if name == self.adapter_id:
             return  # already live on every worker (verified when it was loaded); workers start on the base
-        values = ray.get([w.load_adapter.remote(str(path) if path else None) for w in self._workers])
+        values = self._get([w.load_adapter.remote(str(path) if path else None) for w in self._workers])
         if path is not None:
             for got in values:
                 check_probe(path, got, "a rollout worker")

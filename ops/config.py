@@ -35,6 +35,7 @@ class Config:
     teacher_api_base: str = _f("", "Base URL for the litellm teacher (e.g. your vLLM server); empty = provider default.")
     teacher_api_key_env: str = _f("", "Name of the environment variable that holds the teacher's API key.")
     teacher_budget_usd: float = _f(0.0, "Stop teacher calls once this much is spent; 0 = no cap.")
+    teacher_timeout_s: float = _f(60.0, "Seconds one teacher request may take before it is retried (3 retries, backoff from 1 s).")
     teacher_redact: bool = _f(True, "Redact emails, phones, cards, accounts and addresses before the teacher sees them (off only on loopback).")
     redact_patterns: tuple = _f((), "Extra regular expressions to redact (a TOML list of strings).")
     # a round
@@ -87,6 +88,8 @@ class Config:
             allowed = get_args(get_type_hints(Config)[name])
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.teacher_timeout_s <= 0:
+            raise ValueError(f"teacher_timeout_s must be > 0, got {self.teacher_timeout_s}")
         if self.inbox_every_seconds <= 0:
             raise ValueError(f"inbox_every_seconds must be > 0, got {self.inbox_every_seconds}")
         if self.warm_start_tickets < 0 or self.rollout_tickets < 0 or self.epochs <= 0:

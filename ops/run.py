@@ -32,7 +32,7 @@ def build_teacher(cfg: Config) -> Teacher:
     api_key = os.environ.get(cfg.teacher_api_key_env) if cfg.teacher_api_key_env else None
     if cfg.teacher_api_key_env and api_key is None:
         raise ValueError(f"teacher_api_key_env names {cfg.teacher_api_key_env}, which is not set")
-    return LiteLLMTeacher(cfg.teacher, api_base=cfg.teacher_api_base or None, api_key=api_key,
+    return LiteLLMTeacher(cfg.teacher, api_base=cfg.teacher_api_base or None, api_key=api_key, timeout_s=cfg.teacher_timeout_s,
                           budget_usd=cfg.teacher_budget_usd or None, redact=cfg.teacher_redact, redact_patterns=cfg.redact_patterns)
 
 

@@ -5,8 +5,9 @@
         ... point a client at stub.base_url ...
         stub.requests   # every request body received, in arrival order
 
-Only POST /v1/chat/completions. Each request takes the next scripted answer; with none left the
-stub answers 400 so that a test that forgot one fails fast and clearly instead of hanging.
+Only POST /v1/chat/completions. Each request takes the next scripted answer; with none left it
+asks the `responder` (a function of the request body, e.g. tests/loopback_teacher.py), and without
+one answers 400 so that a test that forgot one fails fast and clearly instead of hanging.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -31,7 +33,8 @@ class Answer:
 
 
 class OpenAIStub:
-    def __init__(self, port: int = 0) -> None:
+    def __init__(self, port: int = 0, responder: Callable[[dict], Answer] | None = None) -> None:
+        self.responder = responder
         self.requests: list[dict] = []
         self.max_active = 0  # most requests in flight at once
         self._answers: deque[Answer] = deque()
@@ -106,6 +109,8 @@ def _handler(stub: OpenAIStub) -> type[BaseHTTPRequestHandler]:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             answer, wake = stub._begin(body)
             try:
+                if answer is None and stub.responder is not None:
+                    answer = stub.responder(body)
                 if answer is None:
                     answer = Answer("stub: no answer enqueued", status=400)
                 wake.wait(answer.delay_s)

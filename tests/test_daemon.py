@@ -169,3 +169,29 @@ def test_the_inbox_ingests_each_file_once_even_when_stopped_before_the_move(tmp_
     (inbox / "a.jsonl").write_text(openai_line("i3") + "\n")  # a new export under the same name
     job.inbox_job()
     assert sorted(p.name for p in (inbox / "done").iterdir()) == ["a.2.jsonl", "a.jsonl"] and store.count("traces") == 3
+
+
+@pytest.mark.slow
+def test_a_rollout_actor_that_dies_is_replaced_on_the_base_model(tiny_model_dir):
+    """Ray's memory monitor kills actors when a neighbour eats the RAM (seen on this machine): the call
+    that hit the dead actor fails, and the pool comes back with fresh actors on the base model, so
+    the next unit's load_adapter swaps and verifies again instead of sampling a stale adapter."""
+    import ray
+
+    from loop.workers import RayStudentPool, StudentOptions, start_ray
+    from policies.protocol import render_messages
+    from environments.episode import Entry
+    from environments.pack import load_pack
+
+    start_ray()
+    try:
+        pool = RayStudentPool(tiny_model_dir, StudentOptions(max_new_tokens=4), n=1, threads=1)
+        prompt = render_messages(load_pack(ROOT / "tests" / "data" / "acme").company, [Entry("customer", "hi")])
+        first = pool.act([prompt])
+        pool.adapter_id = "v0007"  # as if an adapter had been swapped in
+        ray.kill(pool._workers[0])
+        with pytest.raises(ray.exceptions.RayActorError):
+            pool.act([prompt])
+        assert pool.adapter_id is None and pool.act([prompt]) == first  # a fresh actor, on the base model
+    finally:
+        ray.shutdown()
