@@ -13,7 +13,7 @@ from typing import Any
 import ray
 
 from loop.train import PROBE_FILE, PROBE_TEXTS, LoraSettings, TrainResult, train_adapter
-from policies.student import Message
+from policies.student import Generation, Message
 
 PROBE_TOLERANCE = 0.05  # mean log-prob per token; a stale adapter is off by far more
 
@@ -66,6 +66,9 @@ class RolloutWorker:
     def act(self, prompts: list[list[Message]]) -> list[str]:
         return self.student.act(prompts)
 
+    def generate_with_info(self, prompts: list[list[Message]]) -> list[Generation]:
+        return self.student.generate_with_info(prompts)
+
     def load_adapter(self, path: str | None) -> list[float]:
         self.student.load_adapter(path)
         return self.student.probe_logprobs(list(PROBE_TEXTS))
@@ -95,11 +98,15 @@ class RayStudentPool:
             raise
 
     def act(self, prompts: list[list[Message]]) -> list[str]:
+        return [g.text for g in self.generate_with_info(prompts)]
+
+    def generate_with_info(self, prompts: list[list[Message]]) -> list[Generation]:
+        """Each completion with the adapter that wrote it and its token counts (split across the actors)."""
         if not prompts:
             return []
         size = -(-len(prompts) // len(self._workers))
-        futures = [w.act.remote(prompts[i : i + size]) for w, i in zip(self._workers, range(0, len(prompts), size))]
-        return [text for chunk in self._get(futures) for text in chunk]
+        futures = [w.generate_with_info.remote(prompts[i : i + size]) for w, i in zip(self._workers, range(0, len(prompts), size))]
+        return [g for chunk in self._get(futures) for g in chunk]
 
     def load_adapter(self, path: str | Path | None) -> None:
         """Swap every actor to the adapter at `path` (None: the base) and verify the swap took: each

@@ -41,6 +41,7 @@ class LoopbackOracle:
     def __init__(self, packs: list[Pack], *, fail_rate: float = 0.0, timeout_s: float = 2.0, delay_s: float = 0.0, seed: int = 0):
         self.packs, self.fail_rate, self.timeout_s, self.delay_s = packs, fail_rate, timeout_s, delay_s
         self.kinds: Counter[str] = Counter()  # requests by what was asked: demonstrate, judge, judge_production
+        self.last_kind = ""
         self.injected: Counter[str] = Counter()
         self.exhausted = 0  # asks that failed 1 + max_retries times in a row: the teacher gives up on them
         self.largest_prompt = 0  # tokens of the largest prompt answered (bounds what one call may cost)
@@ -67,7 +68,8 @@ class LoopbackOracle:
         actions = _steps(user)
         judging = '"first_error"' in user
         with self._lock:
-            self.kinds["demonstrate" if not judging else "judge" if ticket else "judge_production"] += 1
+            self.last_kind = "demonstrate" if not judging else "judge" if ticket else "judge_production"
+            self.kinds[self.last_kind] += 1
             failure = self._rng.choice(FAILURES) if self._rng.random() < self.fail_rate else None
             self.injected[failure or "none"] += 1
             # Retries of one ask repeat its first two messages (a retry after invalid output appends more).

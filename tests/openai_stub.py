@@ -46,6 +46,11 @@ class OpenAIStub:
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property
+    def active(self) -> int:
+        """Requests received and not yet answered."""
+        return self._active
+
+    @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
 
