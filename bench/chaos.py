@@ -23,8 +23,10 @@ the requests the teacher receives, and the adapters' status in the store.
 After every kill (before the restart): `PRAGMA integrity_check` is ok; every episode has all its
 steps; the counts of episodes, steps, corrections, examples, decisions, traces and evaluations are
 at least what they were before the kill (and never went down); the promoted pointer names nothing
-or a version whose files exist. After every restart, the adapters left `training` are `failed`.
-At the end (a clean SIGTERM stop, exit 0): no adapter is `training`, and every inbox file was
+or a version whose files exist; an approval killed with the daemon either committed (decision and
+pointer) or left both as they were. After every restart, the adapters the kill left `training` or
+`candidate` (in evaluation) are `failed`, so the retrain trigger redoes them. At the end (a clean
+SIGTERM stop, exit 0): no adapter is `training` or `candidate`, and every inbox file was
 ingested exactly once (one `ingested` event with its digest, each of its traces stored once) or
 still waits. Prints a table and writes bench/reports/chaos.md.
 """
@@ -302,7 +304,7 @@ def run(workdir: Path, *, kills: int = 20, seed: int = 0, model_dir: Path | None
                 time.sleep(0.02)
                 phase = observer.phase()
             before = counts(db)
-            in_training = [v for v, s in adapters(db).items() if s == "training"]
+            in_training = [v for v, s in adapters(db).items() if s in ("training", "candidate")]
             kill = Kill(n, target, phase, round(time.monotonic() - clock, 1), detail=observer.last_event if phase == "inbox" else "")
             daemon.kill()
             if observer.approver is not None:
@@ -326,7 +328,7 @@ def run(workdir: Path, *, kills: int = 20, seed: int = 0, model_dir: Path | None
             observer.reset()
             left = [v for v in in_training if adapters(db)[v] != "failed"]
             if left:
-                kill.problems.append(f"adapters left training after the restart: {left}")
+                kill.problems.append(f"adapters left training or in evaluation after the restart: {left}")
             report.kills.append(kill)
             progress(f"kill {n:2d}/{kills} target {target:10s} phase {phase:10s} {kill.detail:30s} at {kill.at_s:6.1f} s, "
                      f"restart {kill.restart_s} s"
@@ -337,8 +339,8 @@ def run(workdir: Path, *, kills: int = 20, seed: int = 0, model_dir: Path | None
     if code != 0:
         report.final_problems.append(f"SIGTERM stop exited {code}")
     report.final_problems += invariants(db)
-    if training := [v for v, s in adapters(db).items() if s == "training"]:
-        report.final_problems.append(f"adapters left training: {training}")
+    if training := [v for v, s in adapters(db).items() if s in ("training", "candidate")]:
+        report.final_problems.append(f"adapters left training or in evaluation: {training}")
     digests = [json.loads(p)["sha256"] for (p,) in _query(db, "SELECT payload FROM events WHERE kind = 'ingested'")]
     for name, ids in dropped.items():
         done, waiting = inbox / "done" / name, inbox / name

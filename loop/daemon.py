@@ -11,8 +11,9 @@ turns on one thread (they share the student and the CPU):
 
 SIGINT/SIGTERM stop it: the current unit gets `stop_grace_s` to finish, else it is abandoned (an
 adapter in training is marked failed), and it exits 0. A restart resumes from the store: an adapter
-left `training` by a crash is marked failed and redone by the retrain trigger; episodes are written
-whole, in one transaction each, so nothing is half-stored.
+left `training` or `candidate` (in evaluation) by a crash is marked failed and redone by the retrain
+trigger; episodes are written whole, in one transaction each, and an inbox file in one, so nothing
+is half-stored (bench/chaos.py: 20 SIGKILLs).
 """
 
 from __future__ import annotations
@@ -80,12 +81,15 @@ def lock_store(db: str | Path) -> IO[str]:
 
 
 def recover(store: Store) -> list[str]:
-    """Adapters a crash or a stop left in `training` are failed: the retrain trigger redoes them."""
-    interrupted = [a.version for a in store.adapters(status="training")]
-    for version in interrupted:
-        store.set_adapter_status(version, "failed", gate_reason="interrupted: the daemon stopped during training")
-        store.log_event("training_interrupted", version=version)
-        log.warning("training_interrupted", version=version)
+    """Adapters a crash or a stop left `training`, or `candidate` (trained, its evaluation cut
+    short: found by bench/chaos.py, it was never gated), are failed: the retrain trigger redoes them."""
+    interrupted = []
+    for adapter in store.adapters(status="training") + store.adapters(status="candidate"):
+        during = "training" if adapter.status == "training" else "evaluation"
+        store.set_adapter_status(adapter.version, "failed", gate_reason=f"interrupted: the daemon stopped during {during}")
+        store.log_event(f"{during}_interrupted", version=adapter.version)
+        log.warning(f"{during}_interrupted", version=adapter.version)
+        interrupted.append(adapter.version)
     return interrupted
 
 

@@ -195,3 +195,28 @@ def test_a_rollout_actor_that_dies_is_replaced_on_the_base_model(tiny_model_dir)
         assert pool.adapter_id is None and pool.act([prompt]) == first  # a fresh actor, on the base model
     finally:
         ray.shutdown()
+
+
+def test_recovery_fails_adapters_cut_short_in_training_or_in_evaluation(tmp_path):
+    """bench/chaos.py found a SIGKILL during evaluation left the adapter `candidate` for good: never
+    gated, never redone. A restart now fails both kinds, and the retrain trigger counts their
+    examples as new again."""
+    from loop import daemon
+    from loop.round import examples_since_training
+    from store import AdapterRow, ExampleRow
+
+    store = Store.open(tmp_path / "a.db")
+    from environments.pack import load_pack
+    from loop.records import register_packs
+
+    register_packs(store, [load_pack(ROOT / "tests" / "data" / "acme")])
+    store.add_examples([ExampleRow(source="demonstration", company_id="acme-widgets", messages=[{"role": "user", "content": "x"}],
+                                   has_escalation=False)])
+    for version, status in (("v0001", "rejected_by_gate"), ("v0002", "candidate"), ("v0003", "training")):
+        store.add_adapter(AdapterRow(version=version, parent=None, path=str(tmp_path / version), base_model="tiny", status=status,
+                                     config={"examples_through": 1 if version != "v0001" else 0}))
+    assert examples_since_training(store) == 0  # v0003 is not counted, but v0002 (never gated) hides the example
+    assert daemon.recover(store) == ["v0003", "v0002"]
+    assert {a.version: a.status for a in store.adapters()} == {"v0001": "rejected_by_gate", "v0002": "failed", "v0003": "failed"}
+    assert [e.kind for e in store.events()][-2:] == ["training_interrupted", "evaluation_interrupted"]
+    assert examples_since_training(store) == 1  # redone by the trigger
