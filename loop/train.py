@@ -1,23 +1,45 @@
 """LoRA / QLoRA training of a fresh adapter on the aggregate training set (TRL SFTTrainer + PEFT).
 
+    result = train_adapter(model_dir, conversations, Path("adapters/v0003"), LoraSettings())
+
 Loss is on assistant turns only: the tokenizer gets SmolLM2's ChatML template with
 `{% generation %}` markers, so one multi-turn trajectory trains in one forward pass.
+
+**Shared-prefix batches.** Every conversation of a company starts with the same ~550-token system
+message, out of ~700. The trainer puts one company's conversations in a batch (`CompanyBatches`),
+runs the batch's common token prefix once (batch size 1, gradients on), expands its KV cache across
+the batch as a view, and runs only the suffixes against it (`shared_prefix_loss`); autograd sums
+the prefix's gradients over the rows. Loss and every LoRA gradient equal the unshared computation
+(tests/test_train.py). A batch without a long common prefix takes the plain path.
+
+**Memory.** Only the positions that predict a trained token are projected onto the vocabulary,
+and attention runs without a padding mask (right padding: no real token attends to a pad), so
+SDPA takes its fused kernels and keeps no T×T tensor. What stays is the activations of every token
+with gradients: the shared prefix and length-sorted batches cut those tokens by about 3×.
+
+TRL hosts all of it: `AssistantLossTrainer` is an `SFTTrainer` with its own collator, batch
+sampler and `compute_loss`; the Trainer keeps the optimizer, schedule, accumulation, bf16 on CUDA.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import random
+import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from datasets import Dataset
 from peft import LoraConfig, prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from torch.nn import functional as F
+from torch.utils.data import DataLoader, Sampler
+from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from policies.hf import mean_logprobs
@@ -30,6 +52,10 @@ PROBE_TEXTS = (
     '{"thought": "Check the KB first.", "action": "search_kb", "args": {"query": "refund policy"}, "message": ""}',
     '{"thought": "Policy says escalate.", "action": "escalate", "args": {"reason": "billing_exception"}, "message": "A colleague will help."}',
 )
+MIN_SHARED_PREFIX = 32  # shorter common prefixes are not worth a separate forward pass
+LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# The tokens that carry the decision inside an assistant step: the action's name and the reason code.
+_DECISION = re.compile(r'"(?:action|reason)":\s*"([a-z_]+)"')
 
 
 @dataclass(frozen=True)
@@ -39,11 +65,14 @@ class LoraSettings:
     dropout: float = 0.0
     epochs: float = 2.0
     learning_rate: float = 2e-4
-    batch_size: int = 4
+    batch_size: int = 8
     grad_accum: int = 1
     max_length: int = 1024
     load_in_4bit: bool = False
     seed: int = 0
+    decision_weight: float = 1.0  # loss weight of the action-name and reason-code tokens (1 = plain mean)
+    lora_layers: int = 0  # LoRA on the top N decoder layers only; 0 = every layer
+    share_prefix: bool = True  # one company's conversations per batch, its common prefix computed once
 
 
 @dataclass(frozen=True)
@@ -51,31 +80,194 @@ class TrainResult:
     adapter_dir: str
     train_loss: float
     steps: int
-    tokens: int  # tokens in forward passes (all epochs)
+    tokens: int  # tokens of the conversations trained on, counted as if unshared (all epochs)
     seconds: float
     tokens_per_s: float
     probe_logprobs: list[float]
+    conversations_per_s: float = 0.0
+    peak_memory_gb: float = 0.0  # peak resident memory of the training process
 
 
-def trained_token_loss(model, input_ids_B_T: torch.Tensor, attention_mask_B_T: torch.Tensor | None, labels_B_T: torch.Tensor):
-    """Mean next-token loss over labelled tokens, projecting onto the vocabulary only the positions
-    that predict one (the causal-LM loss, without the LM head on every prompt position)."""
-    targets_B_T = labels_B_T[:, 1:]
-    keep_K = (targets_B_T != -100).any(dim=0).nonzero().squeeze(-1)
-    outputs = model(input_ids=input_ids_B_T, attention_mask=attention_mask_B_T, logits_to_keep=keep_K)
-    loss = F.cross_entropy(outputs.logits.float().flatten(0, 1), targets_B_T[:, keep_K].flatten(), ignore_index=-100)
-    return loss, outputs
+@dataclass(frozen=True)
+class Encoded:
+    """One conversation as the trainer sees it."""
+
+    input_ids: list[int]
+    labels: list[int]  # the token where it is trained, -100 elsewhere
+    weights: list[float]  # per-token loss weight (decision tokens may weigh more)
+
+
+def encode(tokenizer, conversation: list[dict[str, str]], *, max_length: int, decision_weight: float = 1.0) -> Encoded:
+    """Tokenize with the training template; labels on assistant tokens; the decision tokens weighted.
+
+    `tokenizer.chat_template` must be the training template (with generation markers)."""
+    out = tokenizer.apply_chat_template(conversation, return_assistant_tokens_mask=True, return_dict=True)
+    ids, mask = out["input_ids"][:max_length], out["assistant_masks"][:max_length]
+    labels = [t if m else -100 for t, m in zip(ids, mask)]
+    weights = [1.0] * len(ids)
+    if decision_weight != 1.0:
+        text = tokenizer.apply_chat_template(conversation, tokenize=False)
+        spans = [m.span(1) for m in _DECISION.finditer(text)]
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"][:max_length]
+        for i, (start, end) in enumerate(offsets):
+            if labels[i] != -100 and any(start < b and end > a for a, b in spans):
+                weights[i] = decision_weight
+    return Encoded(ids, labels, weights)
+
+
+class CompanyBatches(Sampler[list[int]]):
+    """Batches of one group (a company's system message) each, so a batch shares a long prefix.
+
+    Every pass shuffles each group, cuts it into batches of similar length (sorted within a window
+    of a few batches, which keeps padding low without fixing the batches), and shuffles the batches."""
+
+    def __init__(self, groups: Sequence[str], lengths: Sequence[int], batch_size: int, *, seed: int = 0):
+        self.by_group: dict[str, list[int]] = {}
+        for i, g in enumerate(groups):
+            self.by_group.setdefault(g, []).append(i)
+        self.lengths, self.batch_size, self.seed, self.passes = lengths, batch_size, seed, 0
+
+    def __len__(self) -> int:
+        return sum(-(-len(ix) // self.batch_size) for ix in self.by_group.values())
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = random.Random(f"{self.seed}:{self.passes}")
+        self.passes += 1
+        batches = []
+        for group in sorted(self.by_group):
+            ix = rng.sample(self.by_group[group], len(self.by_group[group]))
+            window = 4 * self.batch_size
+            for w in range(0, len(ix), window):
+                chunk = sorted(ix[w : w + window], key=lambda i: self.lengths[i])
+                batches += [chunk[b : b + self.batch_size] for b in range(0, len(chunk), self.batch_size)]
+        rng.shuffle(batches)
+        return iter(batches)
+
+
+def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
+    """Right-padded tensors and each row's length. No attention mask: with right padding no real
+    token attends to a pad, so plain causal attention is exact (fused SDPA, no mask tensor)."""
+    T = max(len(e["input_ids"]) for e in examples)
+
+    def pad(key: str, value, dtype) -> torch.Tensor:
+        return torch.tensor([e[key] + [value] * (T - len(e[key])) for e in examples], dtype=dtype)
+
+    return {"input_ids": pad("input_ids", 0, torch.long), "labels": pad("labels", -100, torch.long),
+            "weights": pad("weights", 0.0, torch.float32), "lengths": torch.tensor([len(e["input_ids"]) for e in examples])}
+
+
+def shared_prefix_len(input_ids_B_T: torch.Tensor, labels_B_T: torch.Tensor) -> int:
+    """Length of the batch's common token prefix, ending before the first position whose logits
+    are trained (those are computed with the suffixes); 0 when not worth sharing."""
+    if input_ids_B_T.shape[0] < 2:
+        return 0
+    same_T = (input_ids_B_T == input_ids_B_T[:1]).all(dim=0)
+    common = int(same_T.long().cumprod(0).sum())
+    first_target = int((labels_B_T != -100).long().argmax(dim=1).min()) - 1  # logits at t predict t + 1
+    P = min(common, first_target)
+    return P if P >= MIN_SHARED_PREFIX else 0
+
+
+def _decoder_and_head(peft_model):
+    """The decoder stack and the LM head under a PEFT model (LoRA layers injected in place)."""
+    causal_lm = peft_model.get_base_model()
+    return causal_lm.base_model, causal_lm.get_output_embeddings()
+
+
+def _suffix_rows_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, *, suffix_rows=(), **kwargs):
+    """Attention for packed suffixes behind a shared prefix: `query` [1, H, N, D] holds the rows'
+    suffixes back to back, `key`/`value` [1, Hkv, P + N, D] the cached prefix and then the same
+    suffixes. Each row attends to the prefix and causally to itself, one SDPA call per row, so no
+    row pays for another's keys (a packed mask would make the fused kernel compute them all)."""
+    P, rows = key.shape[2] - query.shape[2], list(suffix_rows)
+    # split/cat, not per-row slicing: their backward writes each gradient once, not into a zeroed full-size copy per row
+    k_prefix, v_prefix = key[:, :, :P], value[:, :, :P]
+    outputs = []
+    for q, k, v in zip(query.split(rows, dim=2), key[:, :, P:].split(rows, dim=2), value[:, :, P:].split(rows, dim=2)):
+        S = q.shape[2]
+        mask_S_PS = torch.ones(S, P + S, dtype=torch.bool, device=q.device)
+        mask_S_PS[:, P:] = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
+        outputs.append(F.scaled_dot_product_attention(q, torch.cat([k_prefix, k], dim=2), torch.cat([v_prefix, v], dim=2),
+                                                      attn_mask=mask_S_PS, scale=scaling, enable_gqa=q.shape[1] != k.shape[1]))
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+SUFFIX_ROWS_ATTENTION = "apprentice_suffix_rows"
+AttentionInterface.register(SUFFIX_ROWS_ATTENTION, _suffix_rows_attention)
+
+
+def shared_prefix_loss(model, batch: dict[str, torch.Tensor], *, share: bool = True) -> torch.Tensor:
+    """Weighted mean next-token loss over the labelled tokens of a right-padded batch (`collate`).
+
+    With `share` and a long common prefix, the prefix runs once (batch 1) and the rows' suffixes,
+    without their padding, run as one packed sequence against its KV cache, each suffix token at
+    its own position, attending to the prefix and its own row (`_suffix_rows_attention`). Either
+    way only the hidden states that predict a labelled token reach the LM head."""
+    decoder, head = _decoder_and_head(model)
+    input_ids_B_T, labels_B_T, weights_B_T = batch["input_ids"], batch["labels"], batch["weights"]
+    P = shared_prefix_len(input_ids_B_T, labels_B_T) if share else 0
+    if not P:
+        hidden_B_T_D = decoder(input_ids=input_ids_B_T).last_hidden_state
+        targets_B_T, w_B_T = labels_B_T[:, 1:], weights_B_T[:, 1:]
+        trained_B_T = targets_B_T != -100
+        hidden_N_D, targets_N, weights_N = hidden_B_T_D[:, :-1][trained_B_T], targets_B_T[trained_B_T], w_B_T[trained_B_T]
+    else:
+        cache = decoder(input_ids=input_ids_B_T[:1, :P], use_cache=True).cache
+        rows = [(b, int(L)) for b, L in enumerate(batch["lengths"])]
+        ids_S = torch.cat([input_ids_B_T[b, P:L] for b, L in rows])
+        positions_S = torch.cat([torch.arange(P, L, device=ids_S.device) for _, L in rows])
+        config, implementation = decoder.config, decoder.config._attn_implementation
+        config._attn_implementation = SUFFIX_ROWS_ATTENTION
+        try:
+            hidden_S_D = decoder(input_ids=ids_S[None], position_ids=positions_S[None], cache=cache, use_cache=True,
+                                 suffix_rows=[L - P for _, L in rows]).last_hidden_state[0]
+        finally:
+            config._attn_implementation = implementation
+        # Token s of row b predicts that row's next token; the row's last token predicts nothing.
+        no_target = torch.tensor([-100], device=ids_S.device)
+        targets_S = torch.cat([torch.cat([labels_B_T[b, P + 1 : L], no_target]) for b, L in rows])
+        w_S = torch.cat([torch.cat([weights_B_T[b, P + 1 : L], no_target.float()]) for b, L in rows])
+        trained_S = targets_S != -100
+        hidden_N_D, targets_N, weights_N = hidden_S_D[trained_S], targets_S[trained_S], w_S[trained_S]
+    losses_N = F.cross_entropy(head(hidden_N_D).float(), targets_N, reduction="none")
+    return (losses_N * weights_N).sum() / weights_N.sum()
 
 
 class AssistantLossTrainer(SFTTrainer):
-    """SFTTrainer with `trained_token_loss`: TRL's default computes log-probs at every position,
-    which with ~550-token prompts and short actions was about a third of a CPU training step."""
+    """SFTTrainer over pre-tokenized conversations: one company per batch, the shared prefix once."""
 
     loss_is_scaled_for_ga = False  # a per-micro-batch mean: the Trainer divides by the accumulation steps
 
+    def __init__(self, *args, groups: Sequence[str], share_prefix: bool, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.groups, self.share_prefix = groups, share_prefix
+
+    def get_train_dataloader(self) -> DataLoader:
+        data = self.train_dataset
+        batches = CompanyBatches(self.groups, [len(ids) for ids in data["input_ids"]], self.args.per_device_train_batch_size,
+                                 seed=self.args.seed)
+        return self.accelerator.prepare(DataLoader(data, batch_sampler=batches, collate_fn=collate, num_workers=0))
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, outputs = trained_token_loss(model, inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"])
-        return (loss, outputs) if return_outputs else loss
+        loss = shared_prefix_loss(model, inputs, share=self.share_prefix)
+        return (loss, None) if return_outputs else loss
+
+
+class _Snapshots(TrainerCallback):
+    """Saves the adapter after the optimizer step that brings the conversations trained on to each
+    of `at` (bench/learning.py evaluates a learning curve from one run)."""
+
+    def __init__(self, at: Sequence[int], per_step: int, out_dir: Path, clock: float):
+        self.at, self.per_step, self.out_dir, self.clock, self.saved = sorted(at), per_step, out_dir, clock, []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        seen = state.global_step * self.per_step
+        while self.at and seen >= self.at[0]:
+            n = self.at.pop(0)
+            path = self.out_dir.with_name(f"{self.out_dir.name}@{n}")
+            model.save_pretrained(path)
+            (path / "snapshot.json").write_text(json.dumps({"conversations": seen, "seconds": time.perf_counter() - self.clock}))
+            self.saved.append(path)
 
 
 def load_base(model_dir: Path, *, load_in_4bit: bool, device: str):
@@ -88,36 +280,46 @@ def load_base(model_dir: Path, *, load_in_4bit: bool, device: str):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
 
 
+def lora_config(settings: LoraSettings, n_layers: int) -> LoraConfig:
+    layers = list(range(n_layers - settings.lora_layers, n_layers)) if settings.lora_layers else None
+    return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, task_type="CAUSAL_LM",
+                      target_modules=LORA_MODULES, layers_to_transform=layers)
+
+
 def train_adapter(model_dir: Path, conversations: list[list[dict[str, str]]], out_dir: Path, settings: LoraSettings, *,
-                  progress: bool = True, trl_defaults: bool = False) -> TrainResult:
+                  progress: bool = True, snapshots: Sequence[int] = ()) -> TrainResult:
     """Train a fresh LoRA adapter on `conversations`, save it (and its probe values) to `out_dir`.
 
-    trl_defaults: TRL's own loss and its default gradient checkpointing instead (bench/train.py
-    compares the two)."""
+    snapshots: also save the adapter as `<out_dir>@N` once N conversations were trained on."""
     if not conversations:
         raise ValueError("no training conversations")
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    out_dir = Path(out_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.chat_template = training_template(tokenizer)
+    encoded = [encode(tokenizer, c, max_length=settings.max_length, decision_weight=settings.decision_weight) for c in conversations]
+    keep = [i for i, e in enumerate(encoded) if any(label != -100 for label in e.labels)]  # truncation may leave none
+    dataset = Dataset.from_list([asdict(encoded[i]) for i in keep])
+    groups = [conversations[i][0]["content"] if settings.share_prefix else "" for i in keep]
+    reset_peak_rss()
     model = load_base(model_dir, load_in_4bit=settings.load_in_4bit, device=device)
-    lora = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, task_type="CAUSAL_LM",
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    dataset = Dataset.from_list([{"messages": c} for c in conversations])
     with tempfile.TemporaryDirectory() as scratch:
         config = SFTConfig(
-            output_dir=scratch, assistant_only_loss=True, max_length=settings.max_length,
-            per_device_train_batch_size=settings.batch_size, gradient_accumulation_steps=settings.grad_accum,
+            output_dir=scratch, per_device_train_batch_size=settings.batch_size, gradient_accumulation_steps=settings.grad_accum,
             num_train_epochs=settings.epochs, learning_rate=settings.learning_rate, lr_scheduler_type="cosine",
-            warmup_steps=0, logging_steps=5, save_strategy="no", gradient_checkpointing=trl_defaults, report_to=[], seed=settings.seed,
+            warmup_steps=0, logging_steps=5, save_strategy="no", gradient_checkpointing=False, report_to=[], seed=settings.seed,
             use_cpu=device == "cpu", bf16=device == "cuda", disable_tqdm=not progress, dataloader_num_workers=0,
+            remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True},
         )
-        trainer = (SFTTrainer if trl_defaults else AssistantLossTrainer)(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
-        tokens_per_epoch = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
+        trainer = AssistantLossTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                                       peft_config=lora_config(settings, model.config.num_hidden_layers), data_collator=collate,
+                                       groups=groups, share_prefix=settings.share_prefix)
         start = time.perf_counter()
+        saver = _Snapshots(snapshots, settings.batch_size * settings.grad_accum, out_dir, start)
+        trainer.add_callback(saver)
         output = trainer.train()
         seconds = time.perf_counter() - start
     # Written beside, then renamed: a crash never leaves a half-saved adapter under its version.
-    out_dir = Path(out_dir)
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     trainer.model.save_pretrained(partial)
@@ -125,5 +327,26 @@ def train_adapter(model_dir: Path, conversations: list[list[dict[str, str]]], ou
     (partial / PROBE_FILE).write_text(json.dumps({"texts": list(PROBE_TEXTS), "logprobs": probes, "settings": asdict(settings)}, indent=2))
     shutil.rmtree(out_dir, ignore_errors=True)
     partial.rename(out_dir)
-    tokens = int(tokens_per_epoch * settings.epochs)
-    return TrainResult(str(out_dir), float(output.training_loss), int(output.global_step), tokens, seconds, tokens / max(seconds, 1e-9), probes)
+    tokens = int(sum(len(encoded[i].input_ids) for i in keep) * settings.epochs)
+    n_conversations = len(keep) * settings.epochs
+    return TrainResult(str(out_dir), float(output.training_loss), int(output.global_step), tokens, seconds, tokens / max(seconds, 1e-9),
+                       probes, n_conversations / max(seconds, 1e-9), peak_rss_gb())
+
+
+def reset_peak_rss() -> None:
+    """Start measuring the peak resident memory afresh (Linux; elsewhere nothing happens)."""
+    try:
+        Path(f"/proc/{os.getpid()}/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process since it started or `reset_peak_rss`, in GB (Linux: VmHWM)."""
+    try:
+        for line in Path(f"/proc/{os.getpid()}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1e6
+    except OSError:
+        pass
+    return 0.0

@@ -1,50 +1,123 @@
-"""Training on the tiny model: adapter weights change, base weights do not; the mask is right."""
+"""Training on the tiny model: the shared-prefix loss equals the unshared one (loss and every LoRA
+gradient), adapter weights change and base weights do not, the mask and the weights are right."""
 
 import json
 
+import pytest
 import torch
+from peft import get_peft_model
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from loop.train import PROBE_FILE, LoraSettings, train_adapter, trained_token_loss
-from policies.models import training_template
+from loop.train import (
+    PROBE_FILE,
+    CompanyBatches,
+    LoraSettings,
+    collate,
+    encode,
+    load_base,
+    lora_config,
+    shared_prefix_len,
+    shared_prefix_loss,
+    train_adapter,
+)
+from policies.models import resolve_model, training_template
 
+SYSTEM = {"role": "system", "content": "You are the support agent of Acme. Policy: " + "refunds within 30 days self-serve; " * 8}
 CONVERSATION = [
-    {"role": "system", "content": "You are the support agent of Acme."},
+    SYSTEM,
     {"role": "user", "content": "Customer: Where is my order?"},
-    {"role": "assistant", "content": '{"thought": "", "action": "clarify", "args": {}, "message": "Your order id?"}'},
+    {"role": "assistant", "content": '{"thought":"","action":"clarify","args":{},"message":"Your order id?"}'},
     {"role": "user", "content": "Customer: My order id is A-1."},
-    {"role": "assistant", "content": '{"thought": "", "action": "reply", "args": {}, "message": "It ships in 2 days."}'},
+    {"role": "assistant", "content": '{"thought":"","action":"reply","args":{},"message":"It ships in 2 days."}'},
 ]
 
 
-def test_assistant_mask_covers_exactly_the_assistant_turns(smollm2_tokenizer):
-    out = smollm2_tokenizer.apply_chat_template(
-        CONVERSATION, chat_template=training_template(smollm2_tokenizer), return_assistant_tokens_mask=True, return_dict=True
-    )
-    ids, mask = out["input_ids"], out["assistant_masks"]
-    trained = smollm2_tokenizer.decode([i for i, m in zip(ids, mask) if m])
-    expected = "".join(m["content"] + "<|im_end|>" for m in CONVERSATION if m["role"] == "assistant")
-    assert trained == expected
+def conversations(n: int) -> list[list[dict[str, str]]]:
+    """`n` different conversations of one company, of different lengths."""
+    return [[SYSTEM, {"role": "user", "content": "Customer: " + "my parcel is late, " * (i + 1)},
+             {"role": "assistant", "content": '{"thought":"Late parcel.","action":"escalate","args":{"reason":"likely_bug"},'
+                                             f'"message":"{"Sorry. " * (1 + i % 3)}"}}'}] for i in range(n)]
 
 
-def test_trained_token_loss_equals_the_full_causal_lm_loss(tiny_model_dir):
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    ids = torch.randint(0, model.config.vocab_size, (3, 24))
-    mask = torch.ones_like(ids)
-    mask[2, 18:] = 0  # right padding on one row
-    labels = torch.full_like(ids, -100)
-    labels[0, 5:9], labels[1, 12:20], labels[2, 3:6] = ids[0, 5:9], ids[1, 12:20], ids[2, 3:6]  # different spans per row
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = training_template(tok)
+    return tok
+
+
+def test_assistant_mask_covers_exactly_the_assistant_turns(tokenizer):
+    e = encode(tokenizer, CONVERSATION, max_length=1024)
+    trained = tokenizer.decode([t for t in e.labels if t != -100])
+    assert trained == "".join(m["content"] + "<|im_end|>" for m in CONVERSATION if m["role"] == "assistant")
+
+
+def test_decision_weight_lands_on_the_action_and_reason_tokens(tokenizer):
+    e = encode(tokenizer, conversations(1)[0], max_length=1024, decision_weight=4.0)
+    heavy = tokenizer.decode([t for t, w in zip(e.input_ids, e.weights) if w == 4.0])
+    assert heavy == "escalatelikely_bug"
+    assert all(w == 1.0 for t, w in zip(e.labels, e.weights) if w != 4.0)
+    assert all(label != -100 for label, w in zip(e.labels, e.weights) if w == 4.0)  # only trained tokens weigh more
+
+
+def lora_model(model_dir, *, load_in_4bit=False):
+    torch.manual_seed(0)
+    base = load_base(model_dir, load_in_4bit=load_in_4bit, device="cpu")
+    model = get_peft_model(base, lora_config(LoraSettings(r=4, alpha=8), base.config.num_hidden_layers))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # PEFT starts B at zero; non-zero B makes every LoRA gradient non-trivial
+            torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
+def loss_and_grads(model, batch, share: bool):
+    model.zero_grad()
+    loss = shared_prefix_loss(model, batch, share=share)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("load_in_4bit", [False, True])
+def test_shared_prefix_loss_and_every_lora_gradient_equal_the_unshared(tiny_model_dir, tokenizer, load_in_4bit):
+    model = lora_model(tiny_model_dir, load_in_4bit=load_in_4bit)
+    batch = collate([vars(encode(tokenizer, c, max_length=1024, decision_weight=3.0)) for c in conversations(4)])
+    assert shared_prefix_len(batch["input_ids"], batch["labels"]) > 32  # the system message is shared
+    loss, grads = loss_and_grads(model, batch, share=False)
+    shared_loss, shared_grads = loss_and_grads(model, batch, share=True)
+    assert abs(shared_loss - loss) <= 1e-4 * abs(loss)
+    assert grads.keys() == shared_grads.keys() and len(grads) > 0
+    for name, g in grads.items():
+        assert g.abs().sum() > 0, name
+        assert (shared_grads[name] - g).norm() <= 1e-4 * g.norm(), name
+
+
+def test_unshared_loss_is_the_causal_lm_loss(tiny_model_dir, tokenizer):
+    model = lora_model(tiny_model_dir)
+    encoded = [encode(tokenizer, c, max_length=1024) for c in conversations(3)]
+    batch = collate([vars(e) for e in encoded])
     with torch.no_grad():
-        fast, _ = trained_token_loss(model, ids, mask, labels)
-        full = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-    assert torch.allclose(fast, full, atol=1e-5)
+        ours = shared_prefix_loss(model, batch, share=False)
+        mask = (torch.arange(batch["input_ids"].shape[1])[None] < batch["lengths"][:, None]).long()
+        reference = model(input_ids=batch["input_ids"], attention_mask=mask, labels=batch["labels"]).loss
+    assert torch.allclose(ours, reference, atol=1e-5)
+
+
+def test_company_batches_hold_one_company_and_cover_every_conversation_each_pass():
+    groups = ["a"] * 10 + ["b"] * 5 + ["c"]
+    batches = CompanyBatches(groups, lengths=list(range(16)), batch_size=4, seed=0)
+    first, second = list(batches), list(batches)
+    assert len(first) == len(batches) == 3 + 2 + 1
+    for order in (first, second):
+        assert sorted(i for b in order for i in b) == list(range(16))
+        assert all(len({groups[i] for i in b}) == 1 and len(b) <= 4 for b in order)
+    assert first != second  # reshuffled every pass
 
 
 def test_training_changes_adapter_not_base(tiny_model_dir, tmp_path):
     base_before = {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict().items()}
     settings = LoraSettings(r=4, alpha=8, epochs=2, batch_size=2, learning_rate=5e-3, max_length=256)
-    result = train_adapter(tiny_model_dir, [CONVERSATION] * 4, tmp_path / "v0001", settings, progress=False)
+    result = train_adapter(tiny_model_dir, [CONVERSATION] * 4, tmp_path / "v0001", settings, progress=False, snapshots=[4])
     adapter = load_file(tmp_path / "v0001" / "adapter_model.safetensors")
     lora_b = [v for k, v in adapter.items() if "lora_B" in k]
     assert lora_b and any(v.abs().sum() > 0 for v in lora_b)  # PEFT initialises B to zero: training moved it
@@ -54,6 +127,17 @@ def test_training_changes_adapter_not_base(tiny_model_dir, tmp_path):
     probe = json.loads((tmp_path / "v0001" / PROBE_FILE).read_text())
     assert probe["logprobs"] == result.probe_logprobs and len(probe["texts"]) == 2
     assert not (tmp_path / "v0001.partial").exists()
+    snapshot = tmp_path / "v0001@4"  # after 2 steps of 2 conversations: a different adapter than the final one
+    assert json.loads((snapshot / "snapshot.json").read_text())["conversations"] == 4
+    assert not torch.equal(load_file(snapshot / "adapter_model.safetensors")[next(k for k in adapter if "lora_B" in k)],
+                           adapter[next(k for k in adapter if "lora_B" in k)])
+
+
+def test_lora_on_the_top_layers_only(tiny_model_dir, tmp_path):
+    settings = LoraSettings(r=4, alpha=8, epochs=1, batch_size=2, learning_rate=5e-3, lora_layers=1)
+    train_adapter(tiny_model_dir, [CONVERSATION] * 2, tmp_path / "top", settings, progress=False)
+    layers = {k.split("layers.")[1].split(".")[0] for k in load_file(tmp_path / "top" / "adapter_model.safetensors")}
+    assert layers == {"1"}  # the tiny model has layers 0 and 1
 
 
 def test_qlora_4bit_training_on_cpu(tiny_model_dir, tmp_path):
@@ -62,3 +146,25 @@ def test_qlora_4bit_training_on_cpu(tiny_model_dir, tmp_path):
     adapter = load_file(tmp_path / "q" / "adapter_model.safetensors")
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
     assert result.steps == 1
+
+
+@pytest.mark.slow
+def test_shared_prefix_is_exact_on_the_real_model():
+    """One batch of 4 built-in demonstrations of one company on the real SmolLM2-135M."""
+    from environments.builtin import build_packs
+    from loop.evaluate import run_episodes
+    from loop.round import training_messages
+    from policies.policy import OraclePolicy
+
+    model_dir = resolve_model("smollm2-135m")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.chat_template = training_template(tok)
+    pack = next(p for p in build_packs(0) if p.company.split == "train")
+    episodes = run_episodes(OraclePolicy(), [(pack, t) for t in pack.tickets[:4]], progress=False)
+    batch = collate([vars(encode(tok, training_messages(e), max_length=1024)) for e in episodes])
+    model = lora_model(model_dir)
+    loss, grads = loss_and_grads(model, batch, share=False)
+    shared_loss, shared_grads = loss_and_grads(model, batch, share=True)
+    assert abs(shared_loss - loss) <= 1e-4 * abs(loss)
+    worst = max(((shared_grads[n] - g).norm() / g.norm()).item() for n, g in grads.items())
+    assert worst <= 1e-4, worst
