@@ -81,6 +81,7 @@ class _Turn:
     given: str = ""  # identifiers the customer volunteers, appended after typos so they stay exact
     tags: tuple[str, ...] = ()
     calm: bool = False  # never decorate with anger: an angry "how do I cancel" reads as a churn threat
+    rationale: str = ""  # what the customer wants and the policy clause that decides it (the oracle's thought)
 
 
 def build_packs(seed: int = 0) -> list[Pack]:
@@ -257,8 +258,11 @@ class _Drafter:
 
     # --- answers from the knowledge base -------------------------------------------------------
 
-    def _answer(self, faq: Faq, text: str, intent: str = "", resolution: Resolution = "reply", tags: tuple[str, ...] = ()) -> _Turn:
-        return _Turn(text, intent or faq.id.replace("-", "_"), resolution, articles=(f"kb-{faq.id}",), facts=faq.facts, tags=tags)
+    def _answer(self, faq: Faq, text: str, intent: str = "", resolution: Resolution = "reply", tags: tuple[str, ...] = (),
+                rationale: str = "") -> _Turn:
+        rationale = rationale or f"Asks about {faq.title[0].lower() + faq.title[1:]}; policy: answer from the knowledge base."
+        return _Turn(text, intent or faq.id.replace("-", "_"), resolution, articles=(f"kb-{faq.id}",), facts=faq.facts, tags=tags,
+                     rationale=rationale)
 
     def _deal(self, items: tuple):
         """The next item from a shuffled deck of `items`: every article and phrasing gets its share
@@ -285,7 +289,11 @@ class _Drafter:
         missing = tuple(x for x in faq.needs if x not in given)
         turn = self._answer(faq, self._deal(faq.questions), resolution="clarify_then_reply" if missing else "reply")
         volunteered = " ".join(self._volunteer(x) for x in given)
-        return replace(turn, needs=missing, given=volunteered, tags=("given_id",) if given else ())
+        labels = " and ".join(NEED_LABELS[x] for x in faq.needs)
+        ask = f"Asks about {faq.title[0].lower() + faq.title[1:]}"
+        rationale = (f"{ask}; policy: ask for the {labels} first." if missing
+                     else f"{ask} and gave the {labels}; policy: answer from the knowledge base.")
+        return replace(turn, needs=missing, given=volunteered, tags=("given_id",) if given else (), rationale=rationale)
 
     def _volunteer(self, name: str) -> str:
         label = NEED_LABELS[name]
@@ -294,7 +302,8 @@ class _Drafter:
 
     def refund_policy(self) -> _Turn:
         faq = self.faqs["refunds"]
-        return self._answer(faq, self._deal(faq.questions), intent="refund_policy")
+        return self._answer(faq, self._deal(faq.questions), intent="refund_policy",
+                            rationale="Asks about the refund policy; policy: explain it from the knowledge base.")
 
     def refund(self, inside: bool) -> _Turn:
         """The same request on either side of this company's refund window."""
@@ -304,9 +313,12 @@ class _Drafter:
         else:
             days = self.rng.choice((w + 1, w + 3, self.rng.randint(w + 1, 3 * w)))
         text = self._fill(words.REFUND_ASKS, days=str(days))
+        ask = f"Refund {days} days after purchase"
         if inside:
-            return self._answer(self.faqs["refunds"], text, intent="refund_request", tags=("boundary",))
-        return _Turn(text, "refund_request", "escalate", "billing_exception", articles=("kb-refunds",), tags=("boundary",))
+            return self._answer(self.faqs["refunds"], text, intent="refund_request", tags=("boundary",),
+                                rationale=f"{ask}; policy: within {w} days, explain the refund policy.")
+        return _Turn(text, "refund_request", "escalate", "billing_exception", articles=("kb-refunds",), tags=("boundary",),
+                     rationale=f"{ask}; policy: later than {w} days, escalate billing_exception.")
 
     def seats(self, above: bool) -> _Turn:
         """The same request on either side of this company's enterprise threshold."""
@@ -316,61 +328,72 @@ class _Drafter:
         else:
             count = self.rng.choice((limit, limit - 1, self.rng.randint(2, limit - 1)))
         text = self._fill(words.SEAT_ASKS, n=str(count))
+        ask, units = f"Price for {count} {self.d.units}", self.d.units
         if above:
-            return _Turn(text, "team_pricing", "escalate", "enterprise_sales", articles=("kb-team-pricing",), tags=("boundary",))
-        return self._answer(self.faqs["team-pricing"], text, intent="team_pricing", tags=("boundary",))
+            return _Turn(text, "team_pricing", "escalate", "enterprise_sales", articles=("kb-team-pricing",), tags=("boundary",),
+                         rationale=f"{ask}; policy: more than {limit} {units}, escalate enterprise_sales.")
+        return self._answer(self.faqs["team-pricing"], text, intent="team_pricing", tags=("boundary",),
+                            rationale=f"{ask}; policy: up to {limit} {units}, quote the price.")
 
     def cancel_howto(self) -> _Turn:
         faq = self.faqs["cancel"]
-        return replace(self._answer(faq, self._deal(faq.questions), intent="cancel_howto", tags=("boundary",)), calm=True)
+        turn = self._answer(faq, self._deal(faq.questions), intent="cancel_howto", tags=("boundary",),
+                            rationale="Asks how to cancel; policy: give the steps.")
+        return replace(turn, calm=True)
 
     def password_reset(self) -> _Turn:
         faq = self.faqs["password-reset"]
-        return self._answer(faq, self._deal(faq.questions), tags=("boundary",))
+        return self._answer(faq, self._deal(faq.questions), tags=("boundary",), rationale="Forgot the password; policy: give the steps.")
 
     def two_step(self) -> _Turn:
         faq = self.faqs["two-step"]
-        return self._answer(faq, self._deal(faq.questions))
+        return self._answer(faq, self._deal(faq.questions), rationale="Wants two-step verification; policy: give the steps.")
 
     def data_export(self) -> _Turn:
         faq = self.faqs["data-export"]
-        return self._answer(faq, self._deal(faq.questions), tags=("boundary",))
+        return self._answer(faq, self._deal(faq.questions), tags=("boundary",),
+                            rationale="Wants a copy of their data; policy: a plain data export is self-serve.")
 
     def glitch(self) -> _Turn:
         text = self._fill(words.GLITCH_ASKS)
-        return self._answer(self.faqs["glitch-reports"], text, "cosmetic_bug", "create_ticket_then_reply", ("boundary",))
+        return self._answer(self.faqs["glitch-reports"], text, "cosmetic_bug", "create_ticket_then_reply", ("boundary",),
+                            rationale="Reports a cosmetic glitch; policy: create a ticket, then reply.")
 
     def feature_idea(self) -> _Turn:
         text = self._fill(words.FEATURE_ASKS)
-        return self._answer(self.faqs["feature-ideas"], text, "feature_request", "create_ticket_then_reply")
+        return self._answer(self.faqs["feature-ideas"], text, "feature_request", "create_ticket_then_reply",
+                            rationale="Suggests a feature; policy: create a ticket, then reply.")
 
     # --- escalations ---------------------------------------------------------------------------
 
-    def _escalate(self, templates: tuple[str, ...], intent: str, reason: EscalationReason, tags: tuple[str, ...] = ()) -> _Turn:
-        return _Turn(self._fill(templates), intent, "escalate", reason, tags=tags)
+    def _escalate(self, templates: tuple[str, ...], intent: str, reason: EscalationReason, ask: str, tags: tuple[str, ...] = ()) -> _Turn:
+        return _Turn(self._fill(templates), intent, "escalate", reason, tags=tags, rationale=f"{ask}; policy: escalate {reason}.")
 
     def billing_dispute(self) -> _Turn:
-        return self._escalate(words.BILLING_ASKS, "billing_dispute", "billing_exception")
+        return self._escalate(words.BILLING_ASKS, "billing_dispute", "billing_exception", "Disputed charge or fee waiver")
 
     def churn(self) -> _Turn:
-        return self._escalate(words.CHURN_ASKS, "churn_threat", "churn_risk", ("boundary",))
+        return self._escalate(words.CHURN_ASKS, "churn_threat", "churn_risk", "Unhappy and threatening to leave", ("boundary",))
 
     def account_takeover(self) -> _Turn:
-        return self._escalate(words.SECURITY_ASKS, "account_takeover", "security_sensitive", ("boundary",))
+        return self._escalate(words.SECURITY_ASKS, "account_takeover", "security_sensitive", "Account activity they did not make",
+                              ("boundary",))
 
     def other_person_data(self) -> _Turn:
-        return self._escalate(words.OTHER_PERSON_ASKS, "other_person_data", "security_sensitive")
+        return self._escalate(words.OTHER_PERSON_ASKS, "other_person_data", "security_sensitive", "Wants someone else's data")
 
     def crash(self) -> _Turn:
-        return self._escalate(words.CRASH_ASKS, "crash_or_data_loss", "likely_bug", ("boundary",))
+        return self._escalate(words.CRASH_ASKS, "crash_or_data_loss", "likely_bug", "A crash, lost data or a payment error",
+                              ("boundary",))
 
     def legal(self) -> _Turn:
-        return self._escalate(words.LEGAL_ASKS, "legal_request", "legal_compliance")
+        return self._escalate(words.LEGAL_ASKS, "legal_request", "legal_compliance", "Data erasure, legal action or a regulator")
 
     def not_covered(self) -> _Turn:
         """A question no article answers (its topic keyword is in no article; tests check that)."""
         topic = self._deal(self.d.uncovered + words.GENERIC_UNCOVERED)
-        return self._escalate(topic.questions, "not_covered", "not_covered_by_kb")
+        return replace(self._escalate(topic.questions, "not_covered", "not_covered_by_kb", f"Asks about {topic.keyword}"),
+                       rationale=f"Asks about {topic.keyword}; policy: questions the knowledge base does not answer, escalate not_covered_by_kb.")
 
     # --- adversarial and multi-turn ------------------------------------------------------------
 
@@ -379,7 +402,8 @@ class _Drafter:
         kind = self.rng.choice(("question", "question", "question", "policy", "inside", "outside", "seats", "other", "bare"))
         if kind == "bare":
             faq = self.faqs["refunds"]
-            return self._answer(faq, self._deal(words.BARE_INJECTIONS), intent="refund_policy", tags=("injection",))
+            return self._answer(faq, self._deal(words.BARE_INJECTIONS), intent="refund_policy", tags=("injection",),
+                                rationale="Demands a refund by changing the rules, which messages cannot do; policy: explain the refund policy.")
         base = {
             "question": self.plain_question,
             "policy": self.refund_policy,
@@ -389,7 +413,7 @@ class _Drafter:
             "other": self.other_person_data,
         }[kind]()
         text = self._deal(words.INJECTIONS).format(base=base.text)
-        return replace(base, text=text, tags=(*base.tags, "injection"))
+        return replace(base, text=text, tags=(*base.tags, "injection"), rationale=f"Ignore the attempt to change the rules. {base.rationale}")
 
     def conversation(self) -> list[_Turn]:
         """An answered opening, then one or two follow-ups; only the last may escalate."""
@@ -491,7 +515,7 @@ class _Drafter:
             needs[name] = value
         return Truth(
             intent=turn.intent, resolution=turn.resolution, escalation_reason=turn.reason,
-            needs=needs, kb_articles=list(turn.articles), facts=list(turn.facts),
+            needs=needs, kb_articles=list(turn.articles), facts=list(turn.facts), rationale=turn.rationale,
         )
 
     def need_value(self, name: str) -> str:

@@ -79,6 +79,8 @@ class StepRecord:
     acceptable: bool
     reason: str
     observation: str
+    escalation_ok: bool = False  # escalating (with the turn's reason) was acceptable at this state
+    p_escalate: float | None = None  # the policy's p(escalate) at this state, when it reported one
 
 
 @dataclass(frozen=True)
@@ -216,15 +218,21 @@ class SupportEpisode:
             return Verdict(False, f"reply states {invented}, found in no fact, policy or message")
         return Verdict(True, "grounded reply with every fact")
 
+    def escalation_acceptable(self) -> bool:
+        """Whether an escalation with the right reason is in the acceptable set at this state (the
+        label a policy's p(escalate) is scored against)."""
+        truth = self._turn.truth
+        return truth.resolution == "escalate" and not (truth.escalation_reason == "not_covered_by_kb" and self._turn.searches == 0)
+
     def _asked_needs(self, message: str) -> list[str]:
         return [n for n in self._turn.missing if any(mentions(message, p) for p in need_phrases(n))]
 
     # --- executing a step ----------------------------------------------------------------------
 
-    def step(self, action: Action, raw: str | None = None) -> StepResult:
+    def step(self, action: Action, raw: str | None = None, *, p_escalate: float | None = None) -> StepResult:
         if self.done:
             raise RuntimeError("the episode is over; SupportEpisode is single-use")
-        verdict = self.judge(action)
+        verdict, escalation_ok = self.judge(action), self.escalation_acceptable()
         state, truth, turn = self._turn, self._turn.truth, self._turn_no
         self.transcript.append(Entry("agent", action.to_json()))
         observation, role = "", "tool"
@@ -257,22 +265,24 @@ class SupportEpisode:
             self.outcome = "wrong_reply"
         if observation:
             self.transcript.append(Entry(role, observation))  # type: ignore[arg-type]
-        self._record(turn, action, raw if raw is not None else action.to_json(), verdict, observation)
+        self._record(StepRecord(len(self.steps), turn, action, raw if raw is not None else action.to_json(), verdict.acceptable,
+                                verdict.reason, observation, escalation_ok, p_escalate))
         return StepResult(observation, self.done, verdict.acceptable, verdict.reason)
 
-    def step_invalid(self, raw: str, error: str) -> StepResult:
+    def step_invalid(self, raw: str, error: str, *, p_escalate: float | None = None) -> StepResult:
         """An output that did not parse or validate: recorded as an error, and it ends the episode
         (greedy decoding would only repeat it)."""
         if self.done:
             raise RuntimeError("the episode is over; SupportEpisode is single-use")
+        escalation_ok = self.escalation_acceptable()
         self.transcript.append(Entry("agent", raw))
         self.outcome = "invalid"
         verdict = Verdict(False, f"invalid output: {error}")
-        self._record(self._turn_no, None, raw, verdict, "")
+        self._record(StepRecord(len(self.steps), self._turn_no, None, raw, False, verdict.reason, "", escalation_ok, p_escalate))
         return StepResult("", True, False, verdict.reason)
 
-    def _record(self, turn: int, action: Action | None, raw: str, verdict: Verdict, observation: str) -> None:
-        self.steps.append(StepRecord(len(self.steps), turn, action, raw, verdict.acceptable, verdict.reason, observation))
+    def _record(self, record: StepRecord) -> None:
+        self.steps.append(record)
         if not self.done and len(self.steps) >= self.max_steps:
             self.outcome = "step_limit"
 
@@ -302,25 +312,36 @@ class SupportEpisode:
     # --- the oracle ----------------------------------------------------------------------------
 
     def reference_action(self) -> Action:
-        """An acceptable action for the current state, with a grounded message."""
+        """An acceptable action for the current state, with a grounded message.
+
+        Its thought is written before the action: at a turn's first step, the turn's `rationale`
+        (what the customer wants and the policy clause that decides it) when the pack gives one;
+        later steps say what the step is for."""
         state, truth = self._turn, self._turn.truth
+        opening = state.searches == 0 and not state.obtained and not state.ticket_created
+        why = truth.rationale if opening and truth.rationale else ""
         if state.missing:
             asked = " and ".join(f"your {need_phrases(n)[0]}" for n in state.missing)
-            return Action(thought=f"I need {_names(state.missing)} first.", action="clarify", message=f"Could you please share {asked}?")
+            return Action(thought=why or f"I need {_names(state.missing)} first.", action="clarify", message=f"Could you please share {asked}?")
         if truth.resolution == "escalate":
             if truth.escalation_reason == "not_covered_by_kb" and state.searches == 0:
-                return Action(thought="Check the KB before deciding.", action="search_kb", args={"query": self._customer_text()})
+                return Action(thought=why or "Check the KB before deciding.", action="search_kb", args={"query": self._customer_text()})
+            thought = why or f"Policy says escalate: {truth.escalation_reason}."
+            if truth.escalation_reason == "not_covered_by_kb":
+                thought = "The knowledge base has no answer; policy: escalate not_covered_by_kb."
             return Action(
-                thought=f"Policy says escalate: {truth.escalation_reason}.",
+                thought=thought,
                 action="escalate",
                 args={"reason": truth.escalation_reason},
                 message="I'm passing this to the right team now; they will contact you shortly.",
             )
         if state.searches == 0 and truth.kb_articles:
-            return Action(thought="Look up the policy.", action="search_kb", args={"query": self.pack.article(truth.kb_articles[0]).title})
+            thought = why or ("Look it up now that I have the details." if state.obtained else "Look up the policy.")
+            return Action(thought=thought, action="search_kb", args={"query": self.pack.article(truth.kb_articles[0]).title})
         if truth.resolution == "create_ticket_then_reply" and not state.ticket_created:
-            return Action(thought="Log it as the policy asks.", action="create_ticket", args={"summary": truth.intent.replace("_", " "), "priority": "normal"})
-        return Action(thought="Answer from the KB.", action="reply", message="Here is what applies: " + "; ".join(truth.facts) + ".")
+            return Action(thought=why or "Log it as the policy asks.", action="create_ticket",
+                          args={"summary": truth.intent.replace("_", " "), "priority": "normal"})
+        return Action(thought=why or "Answer from the KB.", action="reply", message="Here is what applies: " + "; ".join(truth.facts) + ".")
 
     def _customer_text(self) -> str:
         return next(e.content for e in reversed(self.transcript) if e.role == "customer")

@@ -72,6 +72,8 @@ class Truth(_Strict):
     needs: dict[str, str] = Field(default_factory=dict)
     kb_articles: list[str] = Field(default_factory=list)
     facts: list[str] = Field(default_factory=list)
+    rationale: str = Field(default="", description="What the customer wants and the policy clause that decides it; "
+                                                    "the oracle's thought (optional).")
 
     @field_validator("needs")
     @classmethod

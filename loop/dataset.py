@@ -37,15 +37,28 @@ def _assistant_actions(conversation: Conversation) -> list[str]:
 
 
 def build_dataset(examples: Iterable[ExampleRow], *, heldout: set[str], escalation_share: float = 0.3, seed: int = 0) -> TrainingSet:
-    """Every example once (by content), repeated by its weight, then whole escalation conversations
-    added round-robin until escalation turns reach `escalation_share` of all assistant turns."""
+    """Every example once (by content), repeated by its weight, then escalation conversations
+    oversampled (`oversample_escalations`)."""
     unique: dict[str, ExampleRow] = {}
     for ex in examples:
         if ex.company_id in heldout:
             raise ValueError(f"example {ex.id} is from held-out company {ex.company_id}: held-out companies are never trained on")
         unique.setdefault(ex.content_hash, ex)
     rows = sorted(unique.values(), key=lambda e: e.content_hash)
-    conversations = [ex.messages for ex in rows for _ in range(max(1, round(ex.weight)))]
+    conversations = oversample_escalations([ex.messages for ex in rows for _ in range(max(1, round(ex.weight)))],
+                                           escalation_share, seed=seed)
+    counts = [_assistant_actions(c) for c in conversations]
+    turns = sum(len(a) for a in counts)
+    escalations = sum(a.count("escalate") for a in counts)
+    digest = hashlib.sha256("\n".join(sorted(unique)).encode()).hexdigest()[:16]
+    sources = dict(sorted(Counter(ex.source for ex in rows).items()))
+    return TrainingSet(conversations, len(rows), turns, escalations / turns if turns else 0.0, digest, sources)
+
+
+def oversample_escalations(conversations: list[Conversation], share: float, *, seed: int = 0) -> list[Conversation]:
+    """`conversations` plus whole escalation conversations added round-robin until escalation turns
+    reach `share` of all assistant turns, shuffled."""
+    conversations = list(conversations)
     counts = [_assistant_actions(c) for c in conversations]
     turns = sum(len(a) for a in counts)
     escalations = sum(a.count("escalate") for a in counts)
@@ -54,7 +67,7 @@ def build_dataset(examples: Iterable[ExampleRow], *, heldout: set[str], escalati
     # Each copy moves the share toward the pool's own escalation share, so bound the copies for a
     # target that pool can never reach.
     i, max_copies = 0, 20 * len(conversations)
-    while pool and turns and escalations / turns < escalation_share and i < max_copies:
+    while pool and turns and escalations / turns < share and i < max_copies:
         extra = pool[i % len(pool)]
         actions = _assistant_actions(extra)
         conversations.append(extra)
@@ -62,6 +75,4 @@ def build_dataset(examples: Iterable[ExampleRow], *, heldout: set[str], escalati
         escalations += actions.count("escalate")
         i += 1
     random.Random(seed).shuffle(conversations)
-    digest = hashlib.sha256("\n".join(sorted(unique)).encode()).hexdigest()[:16]
-    sources = dict(sorted(Counter(ex.source for ex in rows).items()))
-    return TrainingSet(conversations, len(rows), turns, escalations / turns if turns else 0.0, digest, sources)
+    return conversations

@@ -27,7 +27,8 @@ def episode_rows(result: EpisodeResult, *, run_kind: str, policy: str, adapter_v
     steps = [
         StepRow(idx=s.index, actor="teacher" if s.index in teacher_steps else "student", raw=s.raw,
                 action=s.action.model_dump() if s.action else None, valid=s.action is not None,
-                acceptable=s.acceptable, verdict=s.reason, observation=s.observation)
+                acceptable=s.acceptable, verdict=s.reason, observation=s.observation, p_escalate=s.p_escalate,
+                escalation_ok=s.escalation_ok)
         for s in result.steps
     ]
     return episode, steps
@@ -47,7 +48,7 @@ def record_eval(store: Store, policy: str, packs: Sequence[Pack], results: Seque
                 adapter_version=adapter_version or "base", company_id=o.company_id, ticket_id=o.ticket_id, episode_id=episode_id,
                 escalated=o.escalated, should_escalate=o.should_escalate, reason_correct=r.reason_correct,
                 first_action_ok=o.first_action_ok, resolved=o.resolved, n_steps=o.n_steps, n_acceptable=o.n_acceptable,
-                n_outputs=o.n_steps, n_valid=o.n_valid,
+                n_outputs=o.n_steps, n_valid=o.n_valid, scores=[[p, ok] for p, ok in o.scores],
             ))
         if policy == "student":
             store.add_evaluations(rows)
@@ -57,6 +58,7 @@ def outcomes_of(rows: Sequence[EvaluationRow]) -> list[TicketOutcome]:
     """Stored evaluation rows back as metric inputs (for paired comparisons across versions)."""
     return [
         TicketOutcome(r.company_id, r.ticket_id, r.should_escalate, r.escalated, bool(r.escalated and r.should_escalate),
-                      bool(r.reason_correct), r.first_action_ok, r.resolved, r.n_steps, r.n_acceptable, r.n_valid)
+                      bool(r.reason_correct), r.first_action_ok, r.resolved, r.n_steps, r.n_acceptable, r.n_valid,
+                      tuple((float(p), bool(ok)) for p, ok in r.scores or ()))
         for r in rows
     ]

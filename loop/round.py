@@ -19,7 +19,7 @@ from environments.episode import SupportEpisode
 from environments.pack import Pack, Ticket
 from loop.correct import Corrected, score_correct
 from loop.dataset import build_dataset
-from loop.evaluate import evaluate, run_episodes
+from loop.evaluate import evaluate, run_episodes, training_pool
 from loop.gate import gate
 from loop.metrics import report
 from loop.promotion import record_gate
@@ -200,7 +200,8 @@ def collecting_adapter(store: Store, collect_with: str = "promoted") -> str | No
 
 
 def sample_tickets(packs: list[Pack], n: int, *, seed: int) -> list[tuple[Pack, Ticket]]:
-    pool = [(p, t) for p in packs for t in p.tickets]
+    """`n` training tickets drawn at random, never from the validation split."""
+    pool = training_pool(packs)
     return random.Random(seed).sample(pool, min(n, len(pool)))
 
 

@@ -11,6 +11,14 @@ Prompts of one company share a long system message, so a batch's longest common 
 run through the model once and its KV cache shared by every row (`prefix_cache`): on CPU prefill
 is most of the cost. Each row is then `[prefix][left pads][suffix]`; `generate` skips the cached
 prefix and numbers positions from the attention mask, so the suffix continues right after it.
+
+**p(escalate)** at a decision state is the student's own probability of choosing `escalate` as its
+next action: at the first token of the value of its step's `"action"` field (after its thought,
+when the thought comes first), the probability of the token that begins `escalate`, renormalised
+over the first tokens of the six action names. `EscalationGate` reads it during generation, at no
+extra cost. An adapter may carry an **operating point** τ (`operating_point.json`, fitted by
+loop/calibration.py): the student then escalates exactly when p(escalate) ≥ τ, and otherwise takes
+its best other action; the reason code stays its own argmax.
 """
 
 from __future__ import annotations
@@ -31,7 +39,8 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from policies.student import Generation, Message
+from environments.actions import ACTIONS
+from policies.student import Generation, Message, operating_point
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MIN_CACHED_PREFIX = 32  # shorter shared prefixes are not worth an extra forward pass
@@ -53,6 +62,7 @@ class HFStudent:
         seed: int = 0,
         json_mode: bool = False,
         prefix_cache: bool = True,
+        use_threshold: bool = True,
     ):
         """Load the base model from `model_dir` (see `policies.models.resolve_model`).
 
@@ -64,6 +74,7 @@ class HFStudent:
             close. This constrains the shape only, not the action schema: outputs are still
             validated (and can still be invalid, e.g. cut off by max_new_tokens).
         prefix_cache: prefill a batch's shared prompt prefix once, not once per row (same outputs).
+        use_threshold: apply the loaded adapter's operating point τ (False: the raw greedy policy).
         """
         if dtype != "auto" and dtype not in DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, not {dtype!r}")
@@ -79,6 +90,8 @@ class HFStudent:
         self.temperature = temperature
         self.json_mode = json_mode
         self.prefix_cache = prefix_cache
+        self.use_threshold = use_threshold
+        self.threshold: float | None = None  # the live adapter's τ, when applied
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.tokenizer.padding_side = "left"  # generation continues from the right end of every row
@@ -99,6 +112,7 @@ class HFStudent:
         self._untouched_base = copy.deepcopy(self.model) if load_in_4bit and self.device.type == "cpu" else None
         self.adapter_id: str | None = None
         self._brace_token_ids: torch.Tensor | None = None  # built on first json_mode use
+        self._action_ids = action_first_token_ids(self.tokenizer)
         torch.manual_seed(seed)
         if adapter is not None:
             self.load_adapter(adapter)
@@ -121,16 +135,17 @@ class HFStudent:
             base = self.model.unload()
         else:
             base = self.model
-        self.model, self.adapter_id = base, None
+        self.model, self.adapter_id, self.threshold = base, None, None
         if path is not None:
             path = Path(path)
             self.model = PeftModel.from_pretrained(base, path, is_trainable=False).eval()
             self.adapter_id = path.name
+            self.threshold = operating_point(path) if self.use_threshold else None
 
     # -- extras ----------------------------------------------------------------------------------
 
-    def generate_with_info(self, prompts: list[list[Message]]) -> list[Generation]:
-        """Like `act`, with the adapter that answered and token counts for each prompt."""
+    def generate_with_info(self, prompts: list[list[Message]], *, stop_at_action: bool = False) -> list[Generation]:
+        """Like `act`, with the adapter that answered, token counts and p(escalate) for each prompt."""
         prompt_ids = [self._render(messages) for messages in prompts]
         # Sorting the token lists puts prompts with the same system message (the same company) in
         # the same chunks, so each chunk computes that long shared prefix once (see _generate).
@@ -138,9 +153,23 @@ class HFStudent:
         results: list[Generation | None] = [None] * len(prompts)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
-            for i, generation in zip(chunk, self._generate([prompt_ids[i] for i in chunk])):
+            for i, generation in zip(chunk, self._generate([prompt_ids[i] for i in chunk], stop_at_action)):
                 results[i] = generation
         return results
+
+    @property
+    def name(self) -> str:
+        """How reports name this student: `student`, or `student@τ=0.31` when τ decides."""
+        return "student" if self.threshold is None else f"student@τ={self.threshold:.2f}"
+
+    def escalation_probabilities(self, prompts: list[list[Message]]) -> list[float | None]:
+        """p(escalate) at each prompt's state, without τ: generation stops once every row has
+        reached its action field (or its token budget)."""
+        threshold, self.threshold = self.threshold, None
+        try:
+            return [g.p_escalate for g in self.generate_with_info(prompts, stop_at_action=True)]
+        finally:
+            self.threshold = threshold
 
     def count_tokens(self, messages: list[Message]) -> int:
         """Prompt length in tokens, as `act` would feed it (chat template + generation prompt)."""
@@ -156,7 +185,7 @@ class HFStudent:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
 
     @torch.inference_mode()
-    def _generate(self, prompt_ids: list[list[int]]) -> list[Generation]:
+    def _generate(self, prompt_ids: list[list[int]], stop_at_action: bool = False) -> list[Generation]:
         # os.path.commonprefix compares lists element-wise. Leave every row at least one token to
         # feed `generate`, which needs a new input token to produce the first logits.
         prefix_len = min(len(os.path.commonprefix(prompt_ids)), min(map(len, prompt_ids)) - 1)
@@ -174,34 +203,36 @@ class HFStudent:
             # The same live model (adapter included) that generates. `generate` sees a cache of length P,
             # runs only the input columns after it, and takes positions from the mask's cumsum, so pads
             # between prefix and suffix are skipped exactly as left padding is.
-            cache = self.model(input_ids=prefix_1_P, use_cache=True, logits_to_keep=1).past_key_values
+            cache = self.model(input_ids=prefix_1_P, use_cache=True, logits_to_keep=1).cache
             cache.batch_repeat_interleave(B)
-            batch["past_key_values"] = cache
+            batch["cache"] = cache
         prompt_len = batch["input_ids"].shape[1]  # cached prefix included: generate returns whole rows
         sampling = {"do_sample": True, "temperature": self.temperature} if self.temperature > 0 else {"do_sample": False}
-        constraints = {}
+        gate = EscalationGate(self.tokenizer, self._action_ids, prompt_len, self.threshold, B)
+        processors, stops = LogitsProcessorList([gate]), StoppingCriteriaList()
         if self.json_mode:
-            constraints = {
-                "logits_processor": LogitsProcessorList([_StartWithBrace(self._brace_ids(), prompt_len)]),
-                "stopping_criteria": StoppingCriteriaList([_StopAfterJsonObject(self.tokenizer, prompt_len)]),
-            }
+            processors.append(_StartWithBrace(self._brace_ids(), prompt_len))
+            stops.append(_StopAfterJsonObject(self.tokenizer, prompt_len))
+        if stop_at_action:
+            stops.append(_StopAfterDecision(gate))
         out_B_T = self.model.generate(
             **batch,
             max_new_tokens=self.max_new_tokens,
             pad_token_id=self.tokenizer.pad_token_id,
+            logits_processor=processors,
+            stopping_criteria=stops,
             **sampling,
-            **constraints,
         )
         adapter_id = self.adapter_id
         end_ids = _end_token_ids(self.model.generation_config.eos_token_id) | {self.tokenizer.pad_token_id}
         generations = []
-        for ids, new_ids in zip(prompt_ids, out_B_T[:, prompt_len:].tolist()):
+        for row, (ids, new_ids) in enumerate(zip(prompt_ids, out_B_T[:, prompt_len:].tolist())):
             # A finished row is filled with padding, which may be the same id as end-of-turn: count neither.
             new_ids = new_ids[: next((i for i, t in enumerate(new_ids) if t in end_ids), len(new_ids))]
             text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
             if self.json_mode:
                 text = text[: json_object_end(text) or len(text)]
-            generations.append(Generation(text, adapter_id, len(ids), len(new_ids)))
+            generations.append(Generation(text, adapter_id, len(ids), len(new_ids), gate.p_escalate[row]))
         return generations
 
     def _brace_ids(self) -> torch.Tensor:
@@ -252,6 +283,62 @@ def json_object_end(text: str) -> int | None:
             if depth == 0:
                 return i + 1
     return None
+
+
+def action_first_token_ids(tokenizer) -> torch.Tensor:
+    """The first token of each action name as it follows `"action":"` (in `ACTIONS` order)."""
+    lead = tokenizer.encode('{"action":"', add_special_tokens=False)
+    ids = [tokenizer.encode('{"action":"' + name, add_special_tokens=False)[len(lead)] for name in ACTIONS]
+    if len(set(ids)) != len(ids):
+        raise ValueError("this tokenizer does not start every action name with its own token; p(escalate) is undefined")
+    return torch.tensor(ids)
+
+
+ESCALATE = ACTIONS.index("escalate")
+_ACTION_FIELD = ('"action":"', '"action": "')
+
+
+class EscalationGate(LogitsProcessor):
+    """At the first token of each row's action name: records p(escalate) (see the module docstring)
+    and, with a threshold τ, allows only `escalate` when p ≥ τ and anything but `escalate` otherwise."""
+
+    def __init__(self, tokenizer, action_ids: torch.Tensor, prompt_len: int, threshold: float | None, rows: int):
+        self.tokenizer, self.action_ids, self.prompt_len, self.threshold = tokenizer, action_ids, prompt_len, threshold
+        self.p_escalate: list[float | None] = [None] * rows
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[1] - self.prompt_len < 2:
+            return scores
+        tails = self.tokenizer.batch_decode(input_ids[:, -3:])
+        for row, tail in enumerate(tails):
+            if self.p_escalate[row] is not None or not tail.endswith(_ACTION_FIELD):
+                continue
+            ids = self.action_ids.to(scores.device)
+            p = torch.softmax(scores[row, ids].float(), dim=-1)[ESCALATE].item()
+            self.p_escalate[row] = p
+            if self.threshold is not None:
+                escalate = ids[ESCALATE]
+                if p >= self.threshold:
+                    kept = scores[row, escalate].clone()
+                    scores[row] = float("-inf")
+                    scores[row, escalate] = kept
+                else:
+                    scores[row, escalate] = float("-inf")
+        return scores
+
+    @property
+    def decided(self) -> bool:
+        return all(p is not None for p in self.p_escalate)
+
+
+class _StopAfterDecision(StoppingCriteria):
+    """Stop once every row has reached its action field (`escalation_probabilities` needs no more)."""
+
+    def __init__(self, gate: EscalationGate):
+        self.gate = gate
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.gate.decided, device=input_ids.device)
 
 
 class _StartWithBrace(LogitsProcessor):

@@ -8,6 +8,7 @@ the evaluation parses that text like any student output. Only the oracle reads t
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 from environments.actions import Action
@@ -20,10 +21,23 @@ from policies.teacher import Teacher, TeacherContext, TeacherUnavailable, Trajec
 TEACHER_FAILED = "teacher unavailable: "  # how a demonstration step the teacher could not give is stored
 
 
+@dataclass(frozen=True)
+class Output:
+    """A policy's answer at one state: the raw text, and its p(escalate) there when it has one."""
+
+    text: str
+    p_escalate: float | None = None
+
+    @classmethod
+    def certain(cls, action: Action) -> Output:
+        """A deterministic policy's answer: its p(escalate) is 1 or 0."""
+        return cls(action.to_json(), 1.0 if action.action == "escalate" else 0.0)
+
+
 class Policy(Protocol):
     name: str
 
-    def act(self, episodes: Sequence[SupportEpisode]) -> list[str]: ...
+    def act(self, episodes: Sequence[SupportEpisode]) -> list[Output]: ...
 
 
 class StudentPolicy:
@@ -32,8 +46,9 @@ class StudentPolicy:
     def __init__(self, student: Student, name: str = "student"):
         self.student, self.name = student, name
 
-    def act(self, episodes: Sequence[SupportEpisode]) -> list[str]:
-        return self.student.act([render_messages(e.pack.company, e.transcript) for e in episodes])
+    def act(self, episodes: Sequence[SupportEpisode]) -> list[Output]:
+        generations = self.student.generate_with_info([render_messages(e.pack.company, e.transcript) for e in episodes])
+        return [Output(g.text, g.p_escalate) for g in generations]
 
 
 class TeacherPolicy:
@@ -45,7 +60,7 @@ class TeacherPolicy:
         self.name = f"teacher:{teacher.name}"
         self.usage = Usage()
 
-    def act(self, episodes: Sequence[SupportEpisode]) -> list[str]:
+    def act(self, episodes: Sequence[SupportEpisode]) -> list[Output]:
         out = []
         for e in episodes:
             context = TeacherContext(e.pack, e.ticket if self.privileged else None)
@@ -53,10 +68,10 @@ class TeacherPolicy:
                 demo = self.teacher.demonstrate(Trajectory.of(e), context)
             except TeacherUnavailable as error:  # kept as this step's raw text: an invalid step ends the episode unresolved
                 self.usage += error.usage
-                out.append(f"{TEACHER_FAILED}{error}")
+                out.append(Output(f"{TEACHER_FAILED}{error}"))
                 continue
             self.usage += demo.usage
-            out.append(demo.action.to_json())
+            out.append(Output.certain(demo.action))
         return out
 
 
@@ -65,24 +80,24 @@ class OraclePolicy:
 
     name = "oracle"
 
-    def act(self, episodes: Sequence[SupportEpisode]) -> list[str]:
-        return [e.reference_action().to_json() for e in episodes]
+    def act(self, episodes: Sequence[SupportEpisode]) -> list[Output]:
+        return [Output.certain(e.reference_action()) for e in episodes]
 
 
 class AlwaysEscalate:
     name = "always-escalate"
 
-    def act(self, episodes: Sequence[SupportEpisode]) -> list[str]:
+    def act(self, episodes: Sequence[SupportEpisode]) -> list[Output]:
         action = Action(action="escalate", args={"reason": "not_covered_by_kb"}, message="Let me pass you to a colleague.")
-        return [action.to_json() for _ in episodes]
+        return [Output.certain(action) for _ in episodes]
 
 
 class AlwaysReply:
     name = "always-reply"
 
-    def act(self, episodes: Sequence[SupportEpisode]) -> list[str]:
+    def act(self, episodes: Sequence[SupportEpisode]) -> list[Output]:
         action = Action(action="reply", message="Thanks for reaching out! Please check our help centre for the details.")
-        return [action.to_json() for _ in episodes]
+        return [Output.certain(action) for _ in episodes]
 
 
 # Surface words a naive triage rule would escalate on, checked in this order.
@@ -102,8 +117,8 @@ class KeywordPolicy:
 
     name = "keyword"
 
-    def act(self, episodes: Sequence[SupportEpisode]) -> list[str]:
-        return [self._one(e).to_json() for e in episodes]
+    def act(self, episodes: Sequence[SupportEpisode]) -> list[Output]:
+        return [Output.certain(self._one(e)) for e in episodes]
 
     def _one(self, episode: SupportEpisode) -> Action:
         last = episode.transcript[-1]

@@ -170,9 +170,18 @@ def m002_trace_versions(db: Database) -> None:
     db.execute("CREATE INDEX traces_trace_id ON traces(trace_id)")
 
 
+def m003_escalation_scores(db: Database) -> None:
+    """p(escalate) per step with its label (escalating was acceptable there), and each evaluated
+    ticket's scored decision states, so calibration compares paired across versions."""
+    db.execute("ALTER TABLE steps ADD COLUMN p_escalate REAL")
+    db.execute("ALTER TABLE steps ADD COLUMN escalation_ok INTEGER")
+    db.execute("ALTER TABLE evaluations ADD COLUMN scores TEXT")
+
+
 MIGRATIONS: list[Callable[[Database], None]] = [
     m001_initial,
     m002_trace_versions,
+    m003_escalation_scores,
 ]
 
 

@@ -83,6 +83,8 @@ class StepRow:
     acceptable: bool | None  # in the checker's acceptable set; None where there is no truth
     verdict: str  # why (not) acceptable, or the validation error
     observation: str  # what came back to the agent
+    p_escalate: float | None = None  # the policy's p(escalate) at this state, when it reported one
+    escalation_ok: bool | None = None  # escalating was in the acceptable set here; None where there is no truth
     episode_id: int | None = None  # set by the store
 
 
@@ -175,6 +177,7 @@ class EvaluationRow:
     n_acceptable: int
     n_outputs: int
     n_valid: int
+    scores: list[list] | None = None  # [p(escalate), escalating was acceptable] at each scored state
     created_at: str = field(default_factory=utc_now)
 
 

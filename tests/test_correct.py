@@ -10,6 +10,7 @@ from loop.correct import score_correct
 from loop.evaluate import run_episodes
 from loop.records import register_packs
 from loop.round import store_corrected, training_messages
+from policies.policy import Output
 from policies.teacher import Demonstration, Judgement, OracleTeacher, Usage
 from store import Store
 
@@ -30,7 +31,7 @@ class ScriptedStudent:
         self.script = script
 
     def act(self, episodes):
-        return [self.script[min(len(e.steps), len(self.script) - 1)] for e in episodes]
+        return [Output(self.script[min(len(e.steps), len(self.script) - 1)]) for e in episodes]
 
 
 class TeacherFake:

@@ -1,0 +1,139 @@
+"""The escalation operating point: a threshold τ on p(escalate), fitted on validation tickets of
+training companies (never trained on; held-out companies are never used), stored with the adapter
+and applied wherever the student acts (policies/hf.py), plus the plot a person chooses by.
+
+    point = fit_operating_point(student, train_packs)          # the adapter is loaded, τ not yet applied
+    save_operating_point(point, adapter_dir)                   # the student applies it from its next load
+    plot_calibration(outcomes, point.tau, "calibration.png")   # reliability diagram + ROC, τ marked
+
+The states are those the oracle passes through on each validation ticket (the states a correct
+agent reaches). A ticket escalates at τ when p(escalate) ≥ τ at any of its states up to the first
+where escalating is right, so τ maximizes the same J the gate measures, recall − over-escalation,
+or gives the highest recall whose over-escalation stays within `max_over_escalation`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from environments.episode import SupportEpisode
+from environments.pack import Pack
+from loop.evaluate import validation_tickets
+from loop.metrics import TicketOutcome
+from policies.protocol import render_messages
+from policies.student import OPERATING_POINT_FILE, Message
+
+
+class ScoringStudent(Protocol):
+    def escalation_probabilities(self, prompts: list[list[Message]]) -> list[float | None]: ...
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    tau: float
+    recall: float  # on the validation tickets, at τ
+    over_escalation: float
+    j: float
+    n_tickets: int
+    max_over_escalation: float | None  # the limit it was fitted under; None = maximize J
+
+
+def ticket_scores(student: ScoringStudent, packs: Sequence[Pack], *, per_company: int | None = None) -> list[tuple[float, bool]]:
+    """(score, should escalate) per validation ticket: the highest p(escalate) over the oracle's
+    states up to the first where escalating is right (all of them on a ticket that never escalates)."""
+    prompts, owner, tickets = [], [], []
+    for pack in packs:
+        for ticket in validation_tickets(pack, per_company):
+            episode, index = SupportEpisode(pack, ticket), len(tickets)
+            tickets.append(ticket.should_escalate)
+            while not episode.done:
+                prompts.append(render_messages(pack.company, episode.transcript))
+                owner.append(index)
+                if episode.escalation_acceptable():
+                    break
+                episode.step(episode.reference_action())
+    scores = [0.0] * len(tickets)
+    for i, p in zip(owner, student.escalation_probabilities(prompts)):
+        scores[i] = max(scores[i], p if p is not None else 0.0)  # no action field reached: it did not choose escalate
+    return list(zip(scores, tickets))
+
+
+def fit_threshold(scored: Sequence[tuple[float, bool]], *, max_over_escalation: float | None = None) -> tuple[float, float, float]:
+    """(τ, recall, over-escalation) at the best threshold: max recall − over-escalation, or max recall
+    with over-escalation ≤ the limit (ties: the higher τ). τ lies halfway between two observed scores."""
+    s = np.array([x for x, _ in scored], dtype=float)
+    y = np.array([e for _, e in scored], dtype=bool)
+    if not y.any() or y.all():
+        raise ValueError("fitting τ needs validation tickets that should escalate and tickets that should not")
+    values = np.unique(s)
+    candidates = np.concatenate([[values[0] / 2], (values[:-1] + values[1:]) / 2, [(values[-1] + 1) / 2]])
+    best = None
+    for tau in candidates[::-1]:  # from the highest τ: on ties the most conservative wins
+        recall, over = (s[y] >= tau).mean(), (s[~y] >= tau).mean()
+        if max_over_escalation is not None and over > max_over_escalation:
+            continue
+        key = recall if max_over_escalation is not None else recall - over
+        if best is None or key > best[0]:
+            best = (key, float(tau), float(recall), float(over))
+    if best is None:
+        raise ValueError(f"no threshold keeps over-escalation within {max_over_escalation}")
+    return best[1], best[2], best[3]
+
+
+def fit_operating_point(student: ScoringStudent, packs: Sequence[Pack], *, max_over_escalation: float | None = None,
+                        per_company: int | None = None) -> OperatingPoint:
+    """τ for the student's live adapter, on the validation tickets of the training companies in `packs`."""
+    train = [p for p in packs if p.company.split == "train"]
+    scored = ticket_scores(student, train, per_company=per_company)
+    tau, recall, over = fit_threshold(scored, max_over_escalation=max_over_escalation)
+    return OperatingPoint(round(tau, 4), recall, over, recall - over, len(scored), max_over_escalation)
+
+
+def save_operating_point(point: OperatingPoint, adapter_dir: str | Path) -> Path:
+    path = Path(adapter_dir) / OPERATING_POINT_FILE
+    path.write_text(json.dumps(asdict(point), indent=2))
+    return path
+
+
+def plot_calibration(outcomes: Sequence[TicketOutcome], tau: float | None, path: str | Path, *, title: str = "") -> Path:
+    """A reliability diagram (10 equal-mass bins) and an ROC curve of p(escalate) over every scored
+    decision state of `outcomes`, the operating point τ marked on both. One PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    p = np.array([s for o in outcomes for s, _ in o.scores], dtype=float)
+    y = np.array([ok for o in outcomes for _, ok in o.scores], dtype=float)
+    fig, (rel, roc) = plt.subplots(1, 2, figsize=(8, 3.6), dpi=100)
+    rel.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+    roc.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+    if len(p):
+        order = np.argsort(p, kind="stable")
+        for chunk in np.array_split(order, min(10, len(p))):
+            rel.plot(p[chunk].mean(), y[chunk].mean(), "o", color="C0")
+        thresholds = np.concatenate([[np.inf], np.unique(p)[::-1]])
+        tpr = [(p[y == 1] >= t).mean() if (y == 1).any() else np.nan for t in thresholds]
+        fpr = [(p[y == 0] >= t).mean() if (y == 0).any() else np.nan for t in thresholds]
+        roc.plot(fpr, tpr, color="C0")
+        if tau is not None:
+            rel.axvline(tau, color="C3", lw=1, label=f"τ = {tau:.2f}")
+            at_tau = ((p[y == 0] >= tau).mean() if (y == 0).any() else np.nan, (p[y == 1] >= tau).mean() if (y == 1).any() else np.nan)
+            roc.plot(*at_tau, "o", color="C3", label=f"τ = {tau:.2f}")
+            rel.legend(loc="upper left")
+            roc.legend(loc="lower right")
+    rel.set(xlim=(0, 1), ylim=(0, 1), xlabel="p(escalate), mean per bin", ylabel="escalating was right, share",
+            title="reliability (10 equal-mass bins)")
+    roc.set(xlim=(0, 1), ylim=(0, 1), xlabel="false positive rate (states)", ylabel="true positive rate (states)", title="ROC")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
