@@ -87,9 +87,8 @@ def fit_threshold(scored: Sequence[tuple[float, bool]], *, max_over_escalation: 
 
 def fit_operating_point(student: ScoringStudent, packs: Sequence[Pack], *, max_over_escalation: float | None = None,
                         per_company: int | None = None) -> OperatingPoint:
-    """τ for the student's live adapter, on the validation tickets of the training companies in `packs`."""
-    train = [p for p in packs if p.company.split == "train"]
-    scored = ticket_scores(student, train, per_company=per_company)
+    """τ for the student's live adapter, on the validation tickets of `packs` (training companies only)."""
+    scored = ticket_scores(student, packs, per_company=per_company)  # a held-out pack raises: it is never used
     tau, recall, over = fit_threshold(scored, max_over_escalation=max_over_escalation)
     return OperatingPoint(round(tau, 4), recall, over, recall - over, len(scored), max_over_escalation)
 

@@ -33,6 +33,7 @@ def gate(candidate: list[TicketOutcome], baseline: list[TicketOutcome], *, min_v
     valid = cand.metrics["valid_json_rate"].value
     if not valid >= min_valid_json:
         failures.append(f"valid-JSON {valid:.3f} < {min_valid_json}")
+    ranking = f"ΔAUROC {d['escalation_auroc']}, ΔBrier {d['escalation_brier']}"
     if failures:
-        return GateResult(False, "; ".join(failures), comparison, cand)
-    return GateResult(True, f"ΔJ {d['calibration_j']} on {comparison.n_tickets} paired tickets", comparison, cand)
+        return GateResult(False, "; ".join(failures) + f" ({ranking})", comparison, cand)
+    return GateResult(True, f"ΔJ {d['calibration_j']} on {comparison.n_tickets} paired tickets ({ranking})", comparison, cand)

@@ -1,4 +1,4 @@
-"""One round of apprentice: collect → correct → build dataset → train → evaluate → gate.
+"""One round of apprentice: collect → correct → build dataset → train → calibrate → evaluate → gate.
 
     apprentice run --rounds 2          # runs this, twice, on the offline defaults
 
@@ -17,11 +17,12 @@ from typing import Callable
 
 from environments.episode import SupportEpisode
 from environments.pack import Pack, Ticket
+from loop.calibration import fit_operating_point, plot_calibration, save_operating_point
 from loop.correct import Corrected, score_correct
 from loop.dataset import build_dataset
 from loop.evaluate import evaluate, run_episodes, training_pool
 from loop.gate import gate
-from loop.metrics import report
+from loop.metrics import TicketOutcome, report
 from loop.promotion import record_gate
 from loop.records import episode_rows, outcomes_of, record_eval, register_packs
 from loop.train import LoraSettings, TrainResult
@@ -48,6 +49,8 @@ class RoundSettings:
     max_regression: float = 0.02
     auto_approve: bool = False
     collect_with: str = "promoted"  # "promoted" | "newest"
+    calibration_tickets: int = 10  # validation tickets per training company that τ is fitted on
+    max_over_escalation: float = 0.0  # > 0: τ gives the best recall within this over-escalation; 0: τ maximizes J
     seed: int = 0
 
 
@@ -87,6 +90,7 @@ class RoundSummary:
     train_loss: float | None = None
     train_tokens_per_s: float | None = None
     version: str | None = None
+    tau: float | None = None  # the new adapter's operating point
     metrics: dict = field(default_factory=dict)  # held-out report, as JSON
     gate: str = ""
     gate_reason: str = ""
@@ -95,7 +99,7 @@ class RoundSummary:
 
 
 def run_round(rt: Runtime, round_no: int) -> RoundSummary:
-    """collect → correct → dataset → train → evaluate → gate."""
+    """collect → correct → dataset → train → calibrate → evaluate → gate."""
     summary = collect(rt, round_no)
     return retrain(rt, round_no, summary)
 
@@ -151,19 +155,32 @@ def retrain(rt: Runtime, round_no: int, summary: RoundSummary) -> RoundSummary:
     except BaseException:
         store.set_adapter_status(version, "failed")
         raise
-    store.set_adapter_status(version, "candidate", train_metrics=asdict(result))
     summary.version, summary.train_loss, summary.train_tokens_per_s = version, result.train_loss, result.tokens_per_s
     summary.trained_on = dataset.sources
     summary.seconds["train"] = time.perf_counter() - clock
 
-    # 5. evaluate on the held-out companies' fixed tickets, every ticket stored against the version.
+    # 5. operating point: τ on p(escalate), fitted on validation tickets of training companies; the
+    #    student applies it from its next load (here, the evaluation's) wherever it acts.
+    clock = time.perf_counter()
+    rt.student.load_adapter(path)
+    point = fit_operating_point(rt.student, rt.train_packs, max_over_escalation=s.max_over_escalation or None,
+                                per_company=s.calibration_tickets)
+    save_operating_point(point, path)
+    store.set_adapter_status(version, "candidate", train_metrics={**asdict(result), "operating_point": asdict(point)})
+    summary.tau = point.tau
+    summary.seconds["calibrate"] = time.perf_counter() - clock
+
+    # 6. evaluate on the held-out companies' fixed tickets, every ticket stored against the version.
     clock = time.perf_counter()
     rt.student.load_adapter(path)
     results = evaluate(StudentPolicy(rt.student), rt.heldout_packs, limit=s.eval_tickets, max_steps=s.max_steps, progress=rt.progress)
     record_eval(store, "student", rt.heldout_packs, results, adapter_version=version, round=round_no)
     summary.seconds["evaluate"] = time.perf_counter() - clock
 
-    # 6. gate: paired against the promoted adapter (or the base model) on the same tickets.
+    plot_calibration([TicketOutcome.of(r) for r in results], point.tau, path / "calibration.png",
+                     title=f"{version} on {', '.join(p.id for p in rt.heldout_packs)}")
+
+    # 7. gate: paired against the promoted adapter (or the base model) on the same tickets.
     baseline = store.promoted_version() or "base"
     verdict = gate(outcomes_of(store.evaluations(version)), outcomes_of(store.evaluations(baseline)),
                    min_valid_json=s.min_valid_json, max_regression=s.max_regression, seed=s.seed)

@@ -92,6 +92,8 @@ class AdapterDetails:
     deltas: dict[str, Comparison]  # 'overall' and each company -> candidate minus baseline, paired (empty without a baseline)
     changed: list[ChangedTicket]
     trained_on: dict[str, int]  # unique training examples by source (empty for the base model)
+    operating_point: dict | None = None  # τ and its validation figures (loop/calibration.py); None for the base model
+    calibration_plot: str | None = None  # adapters/<v>/calibration.png, when it exists
 
 
 def _transcript(store: Store, episode_id: int) -> list[str]:
@@ -141,10 +143,14 @@ def adapter_details(store: Store, version: str, baseline: str | None = None) -> 
     deltas = {"overall": compare(cand, base)} if paired else {}
     for company in paired:
         deltas[company] = compare([o for o in cand if o.company_id == company], [o for o in base if o.company_id == company])
+    adapter = store.adapter(version)
+    plot = Path(adapter.path) / "calibration.png" if adapter else None
     return AdapterDetails(
         version=version, baseline=baseline, candidate=report(cand),
         promoted=report(base) if base else None,
         recall_by_reason={k: (cand_recall.get(k), base_recall.get(k)) for k in sorted(set(cand_recall) | set(base_recall))},
         deltas=deltas,
-        changed=changed, trained_on=adapter.config.get("sources", {}) if (adapter := store.adapter(version)) else {},
+        changed=changed, trained_on=adapter.config.get("sources", {}) if adapter else {},
+        operating_point=adapter.train_metrics.get("operating_point") if adapter else None,
+        calibration_plot=str(plot) if plot and plot.is_file() else None,
     )

@@ -13,7 +13,7 @@ from typing import Any
 import ray
 
 from loop.train import PROBE_FILE, PROBE_TEXTS, LoraSettings, TrainResult, train_adapter
-from policies.student import Generation, Message
+from policies.student import Generation, Message, operating_point
 
 PROBE_TOLERANCE = 0.05  # mean log-prob per token; a stale adapter is off by far more
 
@@ -69,6 +69,9 @@ class RolloutWorker:
     def generate_with_info(self, prompts: list[list[Message]]) -> list[Generation]:
         return self.student.generate_with_info(prompts)
 
+    def escalation_probabilities(self, prompts: list[list[Message]]) -> list[float | None]:
+        return self.student.escalation_probabilities(prompts)
+
     def load_adapter(self, path: str | None) -> list[float]:
         self.student.load_adapter(path)
         return self.student.probe_logprobs(list(PROBE_TEXTS))
@@ -86,6 +89,7 @@ class RayStudentPool:
         gpu = 1 if ray.cluster_resources().get("GPU", 0) >= self._n else 0
         self._workers = [RolloutWorker.options(num_gpus=gpu).remote(*self._args) for _ in range(self._n)]
         self.adapter_id: str | None = None  # fresh actors hold the base model
+        self._live: tuple[str | None, float | None] = (None, None)  # (adapter, its τ) the actors hold
 
     def _get(self, futures: list) -> list:
         """ray.get; an actor that died (OOM-killed, say) is replaced by fresh ones on the base model,
@@ -108,17 +112,25 @@ class RayStudentPool:
         futures = [w.generate_with_info.remote(prompts[i : i + size]) for w, i in zip(self._workers, range(0, len(prompts), size))]
         return [g for chunk in self._get(futures) for g in chunk]
 
+    def escalation_probabilities(self, prompts: list[list[Message]]) -> list[float | None]:
+        """p(escalate) at each prompt's state, without τ (split across the actors)."""
+        if not prompts:
+            return []
+        size = -(-len(prompts) // len(self._workers))
+        futures = [w.escalation_probabilities.remote(prompts[i : i + size]) for w, i in zip(self._workers, range(0, len(prompts), size))]
+        return [p for chunk in self._get(futures) for p in chunk]
+
     def load_adapter(self, path: str | Path | None) -> None:
-        """Swap every actor to the adapter at `path` (None: the base) and verify the swap took: each
-        actor's probe log-probs must match what the trainer saved beside the adapter."""
-        name = Path(path).name if path else None
-        if name == self.adapter_id:
+        """Swap every actor to the adapter at `path` (None: the base) and its operating point τ, and
+        verify the swap took: each actor's probe log-probs must match what the trainer saved."""
+        live = (Path(path).name, operating_point(path)) if path else (None, None)
+        if live == self._live:
             return  # already live on every worker (verified when it was loaded); workers start on the base
         values = self._get([w.load_adapter.remote(str(path) if path else None) for w in self._workers])
         if path is not None:
             for got in values:
                 check_probe(path, got, "a rollout worker")
-        self.adapter_id = name
+        self.adapter_id, self._live = live[0], live
 
     def shutdown(self) -> None:
         for w in self._workers:

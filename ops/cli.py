@@ -113,9 +113,16 @@ def _load_or_exit(dirs: list[Path]) -> list[Pack]:
 @click.option("--limit", type=int, default=None, help="Evaluate only the first N tickets of each pack's fixed evaluation order.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.option("--db", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Record the episodes and steps in this SQLite store.")
+@click.option("--no-threshold", is_flag=True, help="Ignore the adapter's operating point τ: the raw greedy student.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write a PNG: reliability diagram and ROC of p(escalate), the operating point marked.")
 def eval_cmd(policy_name: str, model: str, adapter: Path | None, load_in_4bit: bool, json_mode: bool, batch_size: int,
-             api_base: str | None, pack_dirs: tuple[Path, ...], limit: int | None, as_json: bool, db: Path | None) -> None:
-    """Run a policy over company packs and print its metrics with 95% bootstrap intervals."""
+             api_base: str | None, pack_dirs: tuple[Path, ...], limit: int | None, as_json: bool, db: Path | None,
+             no_threshold: bool, plot: Path | None) -> None:
+    """Run a policy over company packs and print its metrics with 95% bootstrap intervals.
+
+    With an adapter that carries an operating point τ the student escalates exactly when its
+    p(escalate) ≥ τ (named `student@τ=…`); --no-threshold evaluates its raw greedy choice."""
     from loop.evaluate import evaluate
     from loop.metrics import TicketOutcome, report
     from policies.policy import StudentPolicy, TeacherPolicy, baseline
@@ -125,8 +132,9 @@ def eval_cmd(policy_name: str, model: str, adapter: Path | None, load_in_4bit: b
         from policies.hf import HFStudent
         from policies.models import resolve_model
 
-        student = HFStudent(resolve_model(model), adapter=adapter, load_in_4bit=load_in_4bit, batch_size=batch_size, json_mode=json_mode)
-        policy = StudentPolicy(student, name="student" + (" (json-mode)" if json_mode else ""))
+        student = HFStudent(resolve_model(model), adapter=adapter, load_in_4bit=load_in_4bit, batch_size=batch_size, json_mode=json_mode,
+                            use_threshold=not no_threshold)
+        policy = StudentPolicy(student, name=student.name + (" (json-mode)" if json_mode else ""))
         adapter_version = adapter.name if adapter else None
     elif policy_name.startswith("teacher:"):
         from policies.litellm_teacher import LiteLLMTeacher
@@ -144,7 +152,13 @@ def eval_cmd(policy_name: str, model: str, adapter: Path | None, load_in_4bit: b
         from store import Store
 
         record_eval(Store.open(db), "student" if policy_name == "student" else policy.name, loaded, results, adapter_version=adapter_version)
-    rep = report([TicketOutcome.of(r) for r in results])
+    outcomes = [TicketOutcome.of(r) for r in results]
+    rep = report(outcomes)
+    if plot is not None:
+        from loop.calibration import plot_calibration
+
+        tau = student.threshold if policy_name == "student" else None
+        plot_calibration(outcomes, tau, plot, title=f"{policy.name} on {', '.join(p.id for p in loaded)}")
     if as_json:
         click.echo(json.dumps({"policy": policy.name, **rep.as_json()}, indent=2))
         return
@@ -242,17 +256,20 @@ def _print_summary(store, summaries) -> None:
     from loop.records import outcomes_of
 
     table = Table(title="apprentice run: held-out metrics (95% bootstrap CI)")
-    for col in ("round", "collector", "examples+", "teacher calls", "teacher tokens", "train loss", "adapter", "recall", "over-esc", "J", "valid JSON", "ΔJ vs", "gate"):
+    for col in ("round", "collector", "examples+", "teacher calls", "teacher tokens", "train loss", "adapter", "τ", "recall", "over-esc", "J",
+                "valid JSON", "AUROC", "ΔJ vs", "gate"):
         table.add_column(col)
     base = report(outcomes_of(store.evaluations("base")), by_company=False).as_json()
-    table.add_row("-", "-", "-", "-", "-", "-", "base", _ci(base, "escalation_recall"), _ci(base, "over_escalation_rate"),
-                  _ci(base, "calibration_j"), _ci(base, "valid_json_rate"), "-", "-")
+    table.add_row("-", "-", "-", "-", "-", "-", "base", "-", _ci(base, "escalation_recall"), _ci(base, "over_escalation_rate"),
+                  _ci(base, "calibration_j"), _ci(base, "valid_json_rate"), _ci(base, "escalation_auroc"), "-", "-")
     for s in summaries:
         u, m = s.teacher_usage, s.metrics
         d = m.get("delta_calibration_j", [None, None, None])
         table.add_row(str(s.round), s.collector, str(s.examples_added), str(u.calls), str(u.prompt_tokens + u.completion_tokens),
                       f"{s.train_loss:.3f}" if s.train_loss is not None else "-", s.version or "-",
+                      f"{s.tau:.2f}" if s.tau is not None else "-",
                       _ci(m, "escalation_recall"), _ci(m, "over_escalation_rate"), _ci(m, "calibration_j"), _ci(m, "valid_json_rate"),
+                      _ci(m, "escalation_auroc"),
                       f"{m.get('delta_vs')}: {d[0]:+.2f} [{d[1]:+.2f},{d[2]:+.2f}]" if d[0] is not None else "-", s.gate)
     console.print(table)
 
@@ -304,11 +321,18 @@ def adapters_show(ctx: click.Context, version: str, changed: int) -> None:
         click.echo(json.dumps({"version": d.version, "baseline": d.baseline, "candidate": d.candidate.as_json(),
                                "baseline_metrics": d.promoted.as_json() if d.promoted else None,
                                "recall_by_reason": d.recall_by_reason, "trained_on": d.trained_on,
+                               "operating_point": d.operating_point, "calibration_plot": d.calibration_plot,
                                "changed": [asdict(c) for c in d.changed]}, indent=2))
         return
     if d.trained_on:
         console.print(f"{version} trained on {sum(d.trained_on.values())} examples: "
                       + ", ".join(f"{n} {source}" for source, n in d.trained_on.items()))
+    if d.operating_point:
+        op = d.operating_point
+        console.print(f"operating point τ = {op['tau']:.2f} (fitted on {op['n_tickets']} validation tickets: recall {op['recall']:.2f}, "
+                      f"over-escalation {op['over_escalation']:.2f})")
+    if d.calibration_plot:
+        console.print(f"calibration plot: {d.calibration_plot}")
     _print_report(f"{version}", d.candidate)
     if d.promoted:
         _print_report(f"{d.baseline} (baseline)", d.promoted)

@@ -47,6 +47,8 @@ class Config:
     escalation_share: float = _f(0.3, "Share of training assistant turns that are escalations (oversampled up to it).")
     collect_with: Literal["promoted", "newest"] = _f("promoted", "Who rolls out in SCoRe rounds: the promoted adapter (else the base model), or the newest trained adapter even if the gate refused it.")
     eval_tickets: int = _f(30, "Held-out tickets per company in the fixed evaluation set.")
+    calibration_tickets: int = _f(10, "Validation tickets per training company (never trained on) that each adapter's operating point τ is fitted on.")
+    max_over_escalation: float = _f(0.0, "0: τ maximizes J = recall - over-escalation on validation; above 0: the best recall whose over-escalation stays within it.")
     # training
     lora_r: int = _f(16, "LoRA rank.")
     lora_alpha: int = _f(32, "LoRA alpha.")
@@ -55,6 +57,8 @@ class Config:
     learning_rate: float = _f(3e-4, "Peak learning rate (cosine decay).")
     train_batch_size: int = _f(4, "Conversations per training step.")
     grad_accum: int = _f(1, "Gradient accumulation steps.")
+    decision_weight: float = _f(1.0, "Loss weight of the tokens that carry the decision (the action name and the reason code); 1 = plain mean.")
+    lora_layers: int = _f(0, "LoRA on the top N decoder layers only; 0 = every layer.")
     max_length: int = _f(1024, "Longest training conversation in tokens (longer ones are truncated).")
     # the gate
     min_valid_json: float = _f(0.99, "The gate refuses a candidate below this valid-JSON rate.")
@@ -81,7 +85,7 @@ class Config:
                      "train_batch_size", "grad_accum", "max_length", "rollout_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("keep_clean", "escalation_share", "min_valid_json", "max_regression"):
+        for name in ("keep_clean", "escalation_share", "min_valid_json", "max_regression", "max_over_escalation"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
         for name in ("method", "collect_with"):
@@ -94,6 +98,10 @@ class Config:
             raise ValueError(f"inbox_every_seconds must be > 0, got {self.inbox_every_seconds}")
         if self.warm_start_tickets < 0 or self.rollout_tickets < 0 or self.epochs <= 0:
             raise ValueError("warm_start_tickets and rollout_tickets must be >= 0, epochs > 0")
+        if not 1 <= self.calibration_tickets <= 20:
+            raise ValueError(f"calibration_tickets must lie in [1, 20] (the validation split's size), got {self.calibration_tickets}")
+        if self.decision_weight <= 0 or self.lora_layers < 0:
+            raise ValueError("decision_weight must be > 0 and lora_layers >= 0")
 
 
 def _coerce(name: str, value: Any) -> Any:

@@ -41,14 +41,16 @@ def round_settings(cfg: Config) -> RoundSettings:
         method=cfg.method, warm_start_tickets=cfg.warm_start_tickets, rollout_tickets=cfg.rollout_tickets,
         max_repairs=cfg.max_repairs, keep_clean=cfg.keep_clean, escalation_share=cfg.escalation_share,
         eval_tickets=cfg.eval_tickets, max_steps=cfg.max_steps, min_valid_json=cfg.min_valid_json,
-        max_regression=cfg.max_regression, auto_approve=cfg.auto_approve, collect_with=cfg.collect_with, seed=cfg.seed,
+        max_regression=cfg.max_regression, auto_approve=cfg.auto_approve, collect_with=cfg.collect_with,
+        calibration_tickets=cfg.calibration_tickets, max_over_escalation=cfg.max_over_escalation, seed=cfg.seed,
     )
 
 
 def lora_settings(cfg: Config) -> LoraSettings:
     return LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, epochs=cfg.epochs,
                         learning_rate=cfg.learning_rate, batch_size=cfg.train_batch_size, grad_accum=cfg.grad_accum,
-                        max_length=cfg.max_length, load_in_4bit=cfg.load_in_4bit, seed=cfg.seed)
+                        max_length=cfg.max_length, load_in_4bit=cfg.load_in_4bit, seed=cfg.seed,
+                        decision_weight=cfg.decision_weight, lora_layers=cfg.lora_layers)
 
 
 def build_runtime(cfg: Config, *, progress: bool = True) -> Runtime:

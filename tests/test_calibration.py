@@ -1,0 +1,132 @@
+"""p(escalate) and the operating point: the calibration metrics, the gate that applies τ while the
+student decodes, fitting τ on validation tickets only, and the plot."""
+
+import pytest
+import torch
+
+from environments.builtin import build_packs
+from loop.calibration import fit_operating_point, fit_threshold, plot_calibration, ticket_scores
+from loop.evaluate import validation_tickets
+from loop.metrics import TicketOutcome, report
+from policies.hf import ESCALATE, EscalationGate, action_first_token_ids
+
+PACKS = build_packs(0)
+TRAIN = [p for p in PACKS if p.company.split == "train"][:2]
+HELDOUT = [p for p in PACKS if p.company.split == "heldout"]
+
+
+def outcome(i: int, scores) -> TicketOutcome:
+    return TicketOutcome("acme", f"t{i}", False, False, False, False, True, True, 1, 1, 1, tuple(scores))
+
+
+def test_a_perfect_ranking_scores_auroc_1_and_a_flipped_one_0():
+    states = [(0.9, True), (0.8, True), (0.3, False), (0.1, False), (0.7, True), (0.2, False)]
+    perfect = [outcome(i, [s]) for i, s in enumerate(states)]
+    flipped = [outcome(i, [(1 - p, y)]) for i, (p, y) in enumerate(states)]
+    assert report(perfect, by_company=False).metrics["escalation_auroc"].value == 1.0
+    assert report(flipped, by_company=False).metrics["escalation_auroc"].value == 0.0
+    m = report(perfect, by_company=False).metrics
+    assert m["escalation_brier"].value == pytest.approx(sum((p - y) ** 2 for p, y in states) / 6)
+    assert 0 <= m["escalation_ece"].low <= m["escalation_ece"].value <= m["escalation_ece"].high
+
+
+def test_policies_without_scores_report_calibration_as_nan():
+    m = report([outcome(0, []), outcome(1, [])], by_company=False).metrics
+    assert all(m[k].value != m[k].value for k in ("escalation_auroc", "escalation_brier", "escalation_ece"))
+
+
+def test_tau_lies_between_the_scores_it_separates_and_decides_exactly_there():
+    scored = [(0.9, True), (0.6, True), (0.55, False), (0.2, False), (0.4, True)]
+    tau, recall, over = fit_threshold(scored)
+    assert 0.55 < tau < 0.6 and recall == pytest.approx(2 / 3) and over == 0.0
+    assert [s >= tau for s, _ in scored] == [True, True, False, False, False]
+    # with room for over-escalation, recall rises as far as the limit allows
+    tau, recall, over = fit_threshold(scored, max_over_escalation=0.5)
+    assert recall == 1.0 and over == 0.5 and 0.2 < tau < 0.4
+
+
+def gate_scores(tokenizer, p_escalate: float) -> torch.Tensor:
+    """Logits over the vocabulary where the six action names' first tokens give escalate p_escalate."""
+    ids = action_first_token_ids(tokenizer)
+    scores = torch.full((1, len(tokenizer)), -1e4)
+    others = (1 - p_escalate) / 5
+    for i, token in enumerate(ids):
+        scores[0, token] = torch.log(torch.tensor(p_escalate if i == ESCALATE else others))
+    return scores
+
+
+@pytest.mark.parametrize("p, tau, chosen", [(0.31, 0.30, "escalate"), (0.29, 0.30, "other"), (0.95, None, "escalate"), (0.05, None, "other")])
+def test_the_gate_reads_p_escalate_at_the_action_field_and_applies_tau(smollm2_tokenizer, p, tau, chosen):
+    tok = smollm2_tokenizer
+    prompt = tok.encode("<|im_start|>assistant\n", add_special_tokens=False)
+    generated = tok.encode('{"thought":"Refund 45 days after purchase.","action":"', add_special_tokens=False)
+    ids = torch.tensor([prompt + generated])
+    gate = EscalationGate(tok, action_first_token_ids(tok), len(prompt), tau, rows=1)
+    out = gate(ids, gate_scores(tok, p))
+    assert gate.p_escalate == [pytest.approx(p, abs=1e-4)]
+    top = int(out[0].argmax())
+    escalate = int(action_first_token_ids(tok)[ESCALATE])
+    assert (top == escalate) == (chosen == "escalate")
+    if tau is not None:  # the other side of τ is closed, not just outscored
+        assert (out[0, escalate] == float("-inf")) == (chosen == "other")
+
+
+def test_the_gate_ignores_positions_before_the_action_field(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    ids = torch.tensor([tok.encode('{"thought":"The action', add_special_tokens=False)])
+    gate = EscalationGate(tok, action_first_token_ids(tok), 0, 0.5, rows=1)
+    scores = gate_scores(tok, 0.9)
+    assert torch.equal(gate(ids, scores.clone()), scores) and gate.p_escalate == [None]
+
+
+class OpeningScorer:
+    """A student whose p(escalate) is 0.9 on every state of a ticket that should escalate and 0.1
+    elsewhere (a perfect ticket-level ranker); it keeps the openings it was asked about."""
+
+    def __init__(self, packs):
+        self.escalating = {t.opening for p in packs for t in p.tickets if t.should_escalate}
+        self.openings: set[str] = set()
+
+    def escalation_probabilities(self, prompts):
+        openings = [p[1]["content"].removeprefix("Customer: ") for p in prompts]
+        self.openings |= set(openings)
+        return [0.9 if o in self.escalating else 0.1 for o in openings]
+
+
+def test_tau_is_fitted_on_validation_tickets_and_refuses_held_out_companies():
+    scorer = OpeningScorer(TRAIN)
+    point = fit_operating_point(scorer, TRAIN, per_company=5)
+    assert point.n_tickets == 10 and 0.1 < point.tau <= 0.9 and point.j == 1.0
+    assert scorer.openings == {t.opening for p in TRAIN for t in validation_tickets(p, 5)}
+    with pytest.raises(ValueError, match="held out"):
+        fit_operating_point(scorer, HELDOUT, per_company=5)
+    with pytest.raises(ValueError, match="held out"):
+        ticket_scores(scorer, TRAIN + HELDOUT, per_company=2)
+
+
+def test_the_plot_is_a_png_of_the_expected_size(tmp_path):
+    from PIL import Image
+
+    outcomes = [outcome(i, [(p, y)]) for i, (p, y) in enumerate([(0.9, True), (0.2, False), (0.6, True), (0.4, False)])]
+    path = plot_calibration(outcomes, 0.5, tmp_path / "calibration.png", title="v0001")
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size == (800, 360)
+        assert len(set(image.convert("L").getdata())) > 10  # drawn on, not blank
+
+
+def test_eval_reports_calibration_with_intervals_and_writes_the_plot(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from ops.cli import main
+
+    png = tmp_path / "keyword.png"
+    result = CliRunner().invoke(main, ["eval", "--policy", "keyword", "--limit", "8", "--json", "--plot", str(png)])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    for name in ("escalation_auroc", "escalation_brier", "escalation_ece"):  # the keyword rule reports 0/1 probabilities
+        assert 0 <= out[name] <= 1 and len(out[f"{name}_ci"]) == 2
+    with Image.open(png) as image:
+        assert image.size == (800, 360)
