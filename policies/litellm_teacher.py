@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationErro
 from environments.actions import Action  # noqa: E402
 from environments.episode import Entry  # noqa: E402
 from environments.pack import Ticket  # noqa: E402
-from policies.protocol import ACTION_CONTRACT, parse_action, system_prompt  # noqa: E402
+from policies.protocol import ACTION_CONTRACT, THOUGHT_GUIDE, parse_action, system_prompt  # noqa: E402
 from policies.redaction import Redactor  # noqa: E402
 from policies.teacher import Demonstration, Judgement, TeacherContext, TeacherUnavailable, Trajectory, Usage  # noqa: E402
 
@@ -111,7 +111,7 @@ class LiteLLMTeacher:
         system = (
             f"You review the steps of a support agent of {context.pack.company.name}.\n"
             f"Company policy:\n{context.pack.company.policy.strip()}\n\n"
-            f'The agent was told:\n"""\n{ACTION_CONTRACT}\n"""'
+            f'The agent was told:\n"""\n{ACTION_CONTRACT}\n"""\n{THOUGHT_GUIDE}'
         )
         user = (
             f"{_situation(context.ticket, trajectory.transcript)}\n\n"
@@ -130,7 +130,7 @@ class LiteLLMTeacher:
         return Judgement(answer.first_error, _restored(answer.replacement, redactor), answer.rationale, usage)
 
     def demonstrate(self, prefix: Trajectory, context: TeacherContext) -> Demonstration:
-        user = f"{_situation(context.ticket, prefix.transcript)}\n\nWrite the agent's next step."
+        user = f"{_situation(context.ticket, prefix.transcript)}\n\nWrite the agent's next step. {THOUGHT_GUIDE}"
         messages = [{"role": "system", "content": system_prompt(context.pack.company)}, {"role": "user", "content": user}]
         redactor = Redactor(self.redact_patterns) if self.redact else None
         action, usage = self._ask(_redacted(messages, redactor), _parse_step)

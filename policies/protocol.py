@@ -29,6 +29,14 @@ ACTION_CONTRACT = (
 )
 
 
+# What a teacher's `thought` should be: a short rationale written before the action, the shape the
+# oracle writes and the student learns to decide with.
+THOUGHT_GUIDE = (
+    'The "thought" is one short sentence written before the action: what the customer wants and the policy '
+    'clause that decides it, e.g. "Refund 45 days after purchase; policy: later than 35 days, escalate billing_exception."'
+)
+
+
 @dataclass(frozen=True)
 class Parsed:
     action: Action | None

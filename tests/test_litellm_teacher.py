@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from policies.protocol import THOUGHT_GUIDE
+
 from environments.actions import Action
 from environments.episode import SupportEpisode
 from environments.pack import load_pack
@@ -66,6 +68,7 @@ def test_judge_parses_first_error_and_replacement(stub, make):
     assert request["model"] == "teacher-test" and request["temperature"] == 0.0
     system, user = request["messages"][0]["content"], last_user_message(request)
     assert PACK.company.policy.strip() in system and "escalate" in system  # policy + the action contract
+    assert THOUGHT_GUIDE in system  # the replacement's thought: what the customer wants, the deciding clause
     assert "A-10293" in user and '"clarify_then_reply"' in user  # hidden truth: privileged information
     assert "[kb-shipping]" in user  # the KB results the student saw
     assert "[step 0] agent:" in user and "[step 1] agent:" in user and "[step 2]" not in user
