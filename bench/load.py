@@ -14,7 +14,7 @@ up to 32 tokens; `--model smollm2-135m` serves the real student. Then:
 
 Checked: no answer is a 500 (or any 5xx but the admission's 503), every 503 carries a Retry-After,
 no client waits past its timeout, and the server still answers /healthz at the end. Prints a table
-and writes bench/reports/load.md.
+and writes bench/reports/load.md (load-<model>.md for another model).
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ def main() -> None:
              f"| 5xx among the fuzzed | {sum(n for s, n in r.fuzz_statuses.items() if s >= 500)} |",
              f"| wall time (s) | {r.seconds:.0f} |", "",
              "checks: " + ("all hold" if not r.problems else "FAILED: " + "; ".join(r.problems[:10]))]
-    publish("load", lines)
+    publish("load" if args.model == "tiny" else f"load-{Path(args.model).name}", lines)
     sys.exit(1 if r.problems else 0)
 
 
