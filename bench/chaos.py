@@ -180,17 +180,17 @@ class DaemonProcess:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
-        _kill_group(self.proc.pid)
+        kill_group(self.proc.pid)
 
     def stop(self) -> int:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
         code = self.proc.wait(180)
-        _kill_group(self.proc.pid)
+        kill_group(self.proc.pid)
         return code
 
 
-def _kill_group(pgid: int) -> None:
+def kill_group(pgid: int) -> None:
     try:
         os.killpg(pgid, signal.SIGKILL)  # Ray's head processes, left behind by a killed driver
     except ProcessLookupError:
@@ -266,76 +266,82 @@ def run(workdir: Path, *, kills: int = 20, seed: int = 0, model_dir: Path | None
     report = ChaosReport()
     with OpenAIStub(responder=oracle) as stub:
         settings = {"model": model_dir, "adapters_dir": workdir / "adapters", "inbox": inbox, "inbox_every_seconds": 2,
-                    "warm_start_tickets": 6, "rollout_tickets": 4, "eval_tickets": 6, "max_new_tokens": 48, "max_steps": 6,
-                    "epochs": 1, "retrain_min_examples": 8, "retrain_every_minutes": 2.0, "seed": seed,
+                    "warm_start_tickets": 6, "rollout_tickets": 4, "eval_tickets": 6, "calibration_tickets": 1, "max_new_tokens": 48,
+                    "max_steps": 6, "epochs": 1, "retrain_min_examples": 8, "retrain_every_minutes": 2.0, "seed": seed,
                     "teacher": "openai/gpt-4o-mini", "teacher_api_base": stub.base_url, "teacher_api_key_env": "LOOPBACK_TEACHER_KEY",
                     "teacher_redact": "false", "teacher_timeout_s": 10}
         daemon = DaemonProcess(db, settings, workdir / "daemon.log")
         observer = Observer(daemon, oracle, stub)
-        daemon.start()
-        dropped: dict[str, list[str]] = {}
-        highest = {t: 0 for t in COUNTED}
-        targets: list[str] = []
-        for n in range(1, kills + 1):
-            if not targets:
-                targets = rng.sample(PHASES, len(PHASES))
-            target = targets.pop()
-            if target == "inbox" or rng.random() < 0.3:
-                path, ids = drop_inbox_file(inbox, len(dropped))
-                dropped[path.name] = ids
-            version = None
-            if target == "approval":
-                daemon.wait_for(lambda: any(s in ("awaiting_approval", "rejected_by_gate", "retired") for s in adapters(db).values()),
-                                600, "a gated adapter to approve")
-                version = [v for v, s in adapters(db).items() if s in ("awaiting_approval", "rejected_by_gate", "retired")][-1]
-                pointer_before = promoted(db)
-                observer.approver = subprocess.Popen(
-                    [sys.executable, "-m", "ops.cli", "approve", version, "--db", str(db), "--by", "chaos", "--force", "--note",
-                     f"chaos kill {n}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                daemon.wait_for(lambda: observer.phase() == target, 300, f"phase {target}")
-            except RuntimeError as e:
-                if daemon.proc.poll() is not None:
-                    raise
-                progress(f"kill {n}: {e}; killing in whatever phase it is")
-            deadline = time.monotonic() + rng.uniform(0, MAX_DELAY_S[target])
-            phase = observer.phase()
-            while time.monotonic() < deadline:
-                time.sleep(0.02)
+        try:
+            daemon.start()
+            dropped: dict[str, list[str]] = {}
+            highest = {t: 0 for t in COUNTED}
+            targets: list[str] = []
+            for n in range(1, kills + 1):
+                if not targets:
+                    targets = rng.sample(PHASES, len(PHASES))
+                target = targets.pop()
+                if target == "inbox" or rng.random() < 0.3:
+                    path, ids = drop_inbox_file(inbox, len(dropped))
+                    dropped[path.name] = ids
+                version = None
+                if target == "approval":
+                    daemon.wait_for(lambda: any(s in ("awaiting_approval", "rejected_by_gate", "retired") for s in adapters(db).values()),
+                                    600, "a gated adapter to approve")
+                    version = [v for v, s in adapters(db).items() if s in ("awaiting_approval", "rejected_by_gate", "retired")][-1]
+                    pointer_before = promoted(db)
+                    observer.approver = subprocess.Popen(
+                        [sys.executable, "-m", "ops.cli", "approve", version, "--db", str(db), "--by", "chaos", "--force", "--note",
+                         f"chaos kill {n}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                try:
+                    daemon.wait_for(lambda: observer.phase() == target, 300, f"phase {target}")
+                except RuntimeError as e:
+                    if daemon.proc.poll() is not None:
+                        raise
+                    progress(f"kill {n}: {e}; killing in whatever phase it is")
+                deadline = time.monotonic() + rng.uniform(0, MAX_DELAY_S[target])
                 phase = observer.phase()
-            before = counts(db)
-            in_training = [v for v, s in adapters(db).items() if s in ("training", "candidate")]
-            kill = Kill(n, target, phase, round(time.monotonic() - clock, 1), detail=observer.last_event if phase == "inbox" else "")
-            daemon.kill()
-            if observer.approver is not None:
-                if observer.approver.poll() is None and rng.random() < 0.5:
-                    observer.approver.send_signal(signal.SIGKILL)
-                    kill.approver_killed = True
-                observer.approver.wait(120)
-                observer.approver = None
-                # The approval is one transaction: its decision row and the pointer move together.
-                committed = _query(db, f"SELECT count(*) FROM decisions WHERE note = 'chaos kill {n}'")[0][0] == 1
-                kill.detail = f"{version} approval committed" if committed else f"{version} approval not committed"
-                if promoted(db) != (version if committed else pointer_before):
-                    kill.problems.append(f"the pointer is {promoted(db)} after an approval of {version} that "
-                                         f"{'committed' if committed else 'did not commit'}")
-            after = counts(db)
-            kill.problems += invariants(db)
-            kill.problems += [f"{t} went down: {before[t]} before the kill, {after[t]} after" for t in COUNTED if after[t] < before[t]]
-            kill.problems += [f"{t} went down: {highest[t]} earlier, {after[t]} now" for t in COUNTED if after[t] < highest[t]]
-            highest = {t: max(highest[t], after[t]) for t in COUNTED}
-            kill.restart_s = round(daemon.start(), 1)
-            observer.reset()
-            left = [v for v in in_training if adapters(db)[v] != "failed"]
-            if left:
-                kill.problems.append(f"adapters left training or in evaluation after the restart: {left}")
-            report.kills.append(kill)
-            progress(f"kill {n:2d}/{kills} target {target:10s} phase {phase:10s} {kill.detail:30s} at {kill.at_s:6.1f} s, "
-                     f"restart {kill.restart_s} s"
-                     + (f"  PROBLEMS: {kill.problems}" if kill.problems else ""))
-        # The last incarnation drains the inbox and is stopped cleanly.
-        daemon.wait_for(lambda: not list(inbox.glob("*.jsonl")), 600, "the inbox to drain")
-        code = daemon.stop()
+                while time.monotonic() < deadline:
+                    time.sleep(0.02)
+                    phase = observer.phase()
+                before = counts(db)
+                in_training = [v for v, s in adapters(db).items() if s in ("training", "candidate")]
+                kill = Kill(n, target, phase, round(time.monotonic() - clock, 1), detail=observer.last_event if phase == "inbox" else "")
+                daemon.kill()
+                if observer.approver is not None:
+                    if observer.approver.poll() is None and rng.random() < 0.5:
+                        observer.approver.send_signal(signal.SIGKILL)
+                        kill.approver_killed = True
+                    observer.approver.wait(120)
+                    observer.approver = None
+                    # The approval is one transaction: its decision row and the pointer move together.
+                    committed = _query(db, f"SELECT count(*) FROM decisions WHERE note = 'chaos kill {n}'")[0][0] == 1
+                    kill.detail = f"{version} approval committed" if committed else f"{version} approval not committed"
+                    if promoted(db) != (version if committed else pointer_before):
+                        kill.problems.append(f"the pointer is {promoted(db)} after an approval of {version} that "
+                                             f"{'committed' if committed else 'did not commit'}")
+                after = counts(db)
+                kill.problems += invariants(db)
+                kill.problems += [f"{t} went down: {before[t]} before the kill, {after[t]} after" for t in COUNTED if after[t] < before[t]]
+                kill.problems += [f"{t} went down: {highest[t]} earlier, {after[t]} now" for t in COUNTED if after[t] < highest[t]]
+                highest = {t: max(highest[t], after[t]) for t in COUNTED}
+                kill.restart_s = round(daemon.start(), 1)
+                observer.reset()
+                left = [v for v in in_training if adapters(db)[v] != "failed"]
+                if left:
+                    kill.problems.append(f"adapters left training or in evaluation after the restart: {left}")
+                report.kills.append(kill)
+                progress(f"kill {n:2d}/{kills} target {target:10s} phase {phase:10s} {kill.detail:30s} at {kill.at_s:6.1f} s, "
+                         f"restart {kill.restart_s} s"
+                         + (f"  PROBLEMS: {kill.problems}" if kill.problems else ""))
+            # The last incarnation drains the inbox and is stopped cleanly.
+            daemon.wait_for(lambda: not list(inbox.glob("*.jsonl")), 600, "the inbox to drain")
+            code = daemon.stop()
+        finally:  # an error or a timeout here must not leave the daemon and its Ray running
+            if daemon.proc is not None and daemon.proc.poll() is None:
+                daemon.kill()
+            if observer.approver is not None and observer.approver.poll() is None:
+                observer.approver.kill()
     if code != 0:
         report.final_problems.append(f"SIGTERM stop exited {code}")
     report.final_problems += invariants(db)

@@ -42,6 +42,7 @@ from store import Store  # noqa: E402
 from tests.loopback_teacher import COMPLETION_TOKENS, FAILURES, LoopbackOracle  # noqa: E402
 from tests.openai_stub import OpenAIStub  # noqa: E402
 from tests.tiny_model import save_tiny_model  # noqa: E402
+from bench.chaos import kill_group  # noqa: E402
 
 TIMEOUT_S = 2.0
 
@@ -63,17 +64,24 @@ def run(workdir: Path, *, fail_rate: float = 0.3, warm: int = 40, rollout: int =
     db = workdir / "failing.db"
     with OpenAIStub(responder=oracle) as stub:
         settings = {"model": model_dir, "adapters_dir": workdir / "adapters", "warm_start_tickets": warm, "rollout_tickets": rollout,
-                    "eval_tickets": eval_tickets, "max_new_tokens": 24, "epochs": 1, "seed": seed,
+                    "eval_tickets": eval_tickets, "calibration_tickets": 1, "max_new_tokens": 24, "epochs": 1, "seed": seed,
                     "teacher": "openai/gpt-4o-mini", "teacher_api_base": stub.base_url, "teacher_api_key_env": "LOOPBACK_TEACHER_KEY",
                     "teacher_redact": "false", "teacher_timeout_s": TIMEOUT_S, "teacher_budget_usd": budget}
         args = [a for k, v in settings.items() for a in ("--set", f"{k}={v}")]
         started = time.monotonic()
-        proc = subprocess.run([sys.executable, "-m", "ops.cli", "run", "--rounds", "2", "--db", str(db), *args], cwd=ROOT,
-                              capture_output=True, text=True, env={**os.environ, "LOOPBACK_TEACHER_KEY": "loopback"})
+        proc = subprocess.Popen([sys.executable, "-m", "ops.cli", "run", "--rounds", "2", "--db", str(db), *args], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                env={**os.environ, "LOOPBACK_TEACHER_KEY": "loopback"})
+        try:
+            _, stderr = proc.communicate()
+        finally:  # a timeout or ^C here must not leave the run and its Ray behind
+            if proc.poll() is None:
+                proc.kill()
+            kill_group(proc.pid)
         seconds = time.monotonic() - started
         received = len(stub.requests)
     out = Outcome()
-    out.check(proc.returncode == 0, f"apprentice run exited {proc.returncode}: {proc.stderr[-2000:]}")
+    out.check(proc.returncode == 0, f"apprentice run exited {proc.returncode}: {stderr[-2000:]}")
     out.check(not oracle.errors, f"the loopback teacher could not read {len(oracle.errors)} prompts: {oracle.errors[:2]}")
     store = Store.open(db)
     adapters = store.adapters()

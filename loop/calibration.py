@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Protocol, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from environments.episode import SupportEpisode
-from environments.pack import Pack
+from environments.pack import Pack, Ticket
 from loop.evaluate import validation_tickets
 from loop.metrics import TicketOutcome
 from policies.protocol import render_messages
@@ -31,6 +32,9 @@ from policies.student import OPERATING_POINT_FILE, Message
 
 class ScoringStudent(Protocol):
     def escalation_probabilities(self, prompts: list[list[Message]]) -> list[float | None]: ...
+
+
+SCORE_CHUNK = 32  # prompts per call: the progress bar moves, batches stay full
 
 
 @dataclass(frozen=True)
@@ -43,24 +47,34 @@ class OperatingPoint:
     max_over_escalation: float | None  # the limit it was fitted under; None = maximize J
 
 
-def ticket_scores(student: ScoringStudent, packs: Sequence[Pack], *, per_company: int | None = None) -> list[tuple[float, bool]]:
-    """(score, should escalate) per validation ticket: the highest p(escalate) over the oracle's
-    states up to the first where escalating is right (all of them on a ticket that never escalates)."""
-    prompts, owner, tickets = [], [], []
-    for pack in packs:
-        for ticket in validation_tickets(pack, per_company):
-            episode, index = SupportEpisode(pack, ticket), len(tickets)
-            tickets.append(ticket.should_escalate)
-            while not episode.done:
-                prompts.append(render_messages(pack.company, episode.transcript))
-                owner.append(index)
-                if episode.escalation_acceptable():
-                    break
-                episode.step(episode.reference_action())
-    scores = [0.0] * len(tickets)
-    for i, p in zip(owner, student.escalation_probabilities(prompts)):
-        scores[i] = max(scores[i], p if p is not None else 0.0)  # no action field reached: it did not choose escalate
-    return list(zip(scores, tickets))
+def ticket_scores(student: ScoringStudent, work: Sequence[tuple[Pack, Ticket]], *, progress: bool = False) -> list[tuple[float, bool]]:
+    """(score, should escalate) per ticket: the highest p(escalate) over the oracle's states up to
+    the first where escalating is right (all of them on a ticket that never escalates)."""
+    prompts, owner = [], []
+    for index, (pack, ticket) in enumerate(work):
+        episode = SupportEpisode(pack, ticket)
+        while not episode.done:
+            prompts.append(render_messages(pack.company, episode.transcript))
+            owner.append(index)
+            if episode.escalation_acceptable():
+                break
+            episode.step(episode.reference_action())
+    scores = [0.0] * len(work)
+    for i, p in zip(owner, p_escalate(student, prompts, progress=progress, desc="p(escalate) on validation states")):
+        scores[i] = max(scores[i], p)
+    return [(score, ticket.should_escalate) for score, (_, ticket) in zip(scores, work)]
+
+
+def p_escalate(student: ScoringStudent, prompts: list[list[Message]], *, progress: bool = False, desc: str = "p(escalate)") -> list[float]:
+    """The student's p(escalate) at each prompt's state, in chunks behind a progress bar; 0 where
+    it reached no action field (it did not choose escalate)."""
+    probabilities: list[float] = []
+    with tqdm(total=len(prompts), desc=desc, unit="state", disable=not progress, leave=False) as bar:
+        for start in range(0, len(prompts), SCORE_CHUNK):
+            chunk = prompts[start : start + SCORE_CHUNK]
+            probabilities += [p if p is not None else 0.0 for p in student.escalation_probabilities(chunk)]
+            bar.update(len(chunk))
+    return probabilities
 
 
 def fit_threshold(scored: Sequence[tuple[float, bool]], *, max_over_escalation: float | None = None) -> tuple[float, float, float]:
@@ -86,9 +100,10 @@ def fit_threshold(scored: Sequence[tuple[float, bool]], *, max_over_escalation: 
 
 
 def fit_operating_point(student: ScoringStudent, packs: Sequence[Pack], *, max_over_escalation: float | None = None,
-                        per_company: int | None = None) -> OperatingPoint:
+                        per_company: int | None = None, progress: bool = False) -> OperatingPoint:
     """τ for the student's live adapter, on the validation tickets of `packs` (training companies only)."""
-    scored = ticket_scores(student, packs, per_company=per_company)  # a held-out pack raises: it is never used
+    work = [(p, t) for p in packs for t in validation_tickets(p, per_company)]  # a held-out pack raises: it is never used
+    scored = ticket_scores(student, work, progress=progress)
     tau, recall, over = fit_threshold(scored, max_over_escalation=max_over_escalation)
     return OperatingPoint(round(tau, 4), recall, over, recall - over, len(scored), max_over_escalation)
 

@@ -13,7 +13,7 @@ from policies.policy import Output, Policy
 from policies.protocol import parse_action
 
 
-VALIDATION_TICKETS = 20  # per training company: never trained on; recipes are chosen and τ is fitted on them
+VALIDATION_TICKETS = 20  # per training company (a quarter of a smaller one): never trained on; recipes are chosen and τ is fitted on them
 
 
 def eval_tickets(pack: Pack, limit: int | None) -> list[Ticket]:
@@ -26,10 +26,14 @@ def eval_tickets(pack: Pack, limit: int | None) -> list[Ticket]:
 
 
 def validation_tickets(pack: Pack, limit: int | None = None) -> list[Ticket]:
-    """A training company's validation split (the first `limit` of it); held-out companies have none."""
+    """A training company's validation split (the first `limit` of it); held-out companies have none.
+
+    The split is the first `VALIDATION_TICKETS` of `eval_tickets`' order, or a quarter of a pack too
+    small for that, so a small pack keeps most of its tickets for training."""
     if pack.company.split != "train":
         raise ValueError(f"{pack.id} is held out: validation tickets come from training companies only")
-    return eval_tickets(pack, min(limit or VALIDATION_TICKETS, VALIDATION_TICKETS))
+    size = min(VALIDATION_TICKETS, len(pack.tickets) // 4)
+    return eval_tickets(pack, size if limit is None else min(limit, size))
 
 
 def training_pool(packs: Sequence[Pack]) -> list[tuple[Pack, Ticket]]:

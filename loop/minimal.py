@@ -4,7 +4,9 @@
 
 Round 1 clones teacher demonstrations; every later round rolls the student out, lets the teacher
 correct each trajectory's FIRST wrong step (the student continues from there), and retrains on
-everything kept so far. Each adapter is gated against the previous best on held-out companies.
+everything kept so far. Each adapter gets its operating point τ on p(escalate), fitted on
+validation tickets of the training companies, and is gated against the previous best on held-out
+companies.
 The full version, with the store, Ray workers and operators, is loop/round.py.
 """
 
@@ -16,8 +18,9 @@ import tempfile
 from pathlib import Path
 
 from environments.builtin import build_packs
+from loop.calibration import fit_operating_point, save_operating_point
 from loop.correct import score_correct
-from loop.evaluate import evaluate, run_episodes
+from loop.evaluate import evaluate, run_episodes, training_pool
 from loop.gate import gate
 from loop.metrics import TicketOutcome
 from loop.round import training_messages
@@ -40,7 +43,7 @@ def minimal_loop(rounds: int, tickets: int, eval_tickets: int, model: str, out: 
     conversations: list[list[dict[str, str]]] = []  # aggregated over rounds, never reset
     for round_no in range(1, rounds + 1):
         rng = random.Random(round_no)
-        work = rng.sample([(p, t) for p in train_packs for t in p.tickets], tickets)
+        work = rng.sample(training_pool(train_packs), tickets)  # never a validation ticket
         if round_no == 1:  # warm start: the teacher plays every step
             episodes = run_episodes(TeacherPolicy(teacher, privileged=True), work)
             kept = [e for e in episodes if e.result().resolved]
@@ -49,11 +52,13 @@ def minimal_loop(rounds: int, tickets: int, eval_tickets: int, model: str, out: 
             kept = [c.current for c in score_correct(policy, teacher, rollouts, rng=rng) if c.kept]
         conversations += [training_messages(e) for e in kept]
         adapter = out / f"round{round_no}"
-        result = train_adapter(model_dir, conversations, adapter, LoraSettings(epochs=1, learning_rate=3e-4))
+        result = train_adapter(model_dir, conversations, adapter, LoraSettings(epochs=1, learning_rate=1e-3))
         student.load_adapter(adapter)
+        save_operating_point(fit_operating_point(student, train_packs), adapter)  # τ on validation tickets
+        student.load_adapter(adapter)  # now escalating exactly when p(escalate) >= τ
         candidate = [TicketOutcome.of(r) for r in evaluate(policy, heldout, limit=eval_tickets)]
         verdict = gate(candidate, best)
-        print(f"round {round_no}: {len(kept)} kept, {len(conversations)} examples, loss {result.train_loss:.3f}, "
+        print(f"round {round_no}: {len(kept)} kept, {len(conversations)} examples, loss {result.train_loss:.3f}, τ {student.threshold}, "
               f"J {verdict.candidate.metrics['calibration_j']}, gate {'pass' if verdict.passed else 'fail'}: {verdict.reason}")
         if verdict.passed:  # the next candidate must beat this one, and collects the next data
             best, best_adapter = candidate, adapter

@@ -25,10 +25,11 @@ from loop.gate import gate
 from loop.metrics import TicketOutcome, report
 from loop.promotion import record_gate
 from loop.records import episode_rows, outcomes_of, record_eval, register_packs
+from loop.selection import Pick, select_tickets
 from loop.train import LoraSettings, TrainResult
 from policies.policy import StudentPolicy, TeacherPolicy
 from policies.protocol import render_messages
-from policies.student import Student
+from policies.student import Student, operating_point
 from policies.teacher import Teacher, Usage
 from store import AdapterRow, CorrectionRow, ExampleRow, Store
 
@@ -49,6 +50,8 @@ class RoundSettings:
     max_regression: float = 0.02
     auto_approve: bool = False
     collect_with: str = "promoted"  # "promoted" | "newest"
+    selection: str = "uniform"  # "uniform" | "uncertainty" | "mixed": loop/selection.py
+    selection_pool: int = 3  # candidates scored per ticket picked
     calibration_tickets: int = 10  # validation tickets per training company that τ is fitted on
     max_over_escalation: float = 0.0  # > 0: τ gives the best recall within this over-escalation; 0: τ maximizes J
     seed: int = 0
@@ -96,6 +99,7 @@ class RoundSummary:
     gate_reason: str = ""
     trained_on: dict[str, int] = field(default_factory=dict)  # unique training examples by source
     seconds: dict[str, float] = field(default_factory=dict)
+    selection: Pick | None = None  # how a SCoRe collection picked its tickets
 
 
 def run_round(rt: Runtime, round_no: int) -> RoundSummary:
@@ -116,12 +120,19 @@ def collect(rt: Runtime, round_no: int) -> RoundSummary:
     # 1-2. collect and correct. The first round (and every round of the offline method) clones full
     # teacher demonstrations; later SCoRe rounds roll the student out and repair its first errors.
     n_tickets = s.warm_start_tickets if store.count("examples") == 0 else s.rollout_tickets
-    tickets = sample_tickets(rt.train_packs, n_tickets, seed=s.seed + store.count("episodes"))  # new tickets each collection
+    seed = s.seed + store.count("episodes")  # new tickets each collection
     if warm:
+        tickets = sample_tickets(rt.train_packs, n_tickets, seed=seed)
         summary.examples_added, summary.teacher_usage = collect_demonstrations(rt, tickets, round_no)
     else:
-        rt.student.load_adapter(rt.adapters_dir / collector if collector else None)
-        collect_and_correct(rt, tickets, round_no, collector, summary)
+        path = rt.adapters_dir / collector if collector else None
+        rt.student.load_adapter(path)
+        summary.selection = pick = select_tickets(
+            rt.student, training_pool(rt.train_packs), n_tickets, rule=s.selection, tau=operating_point(path) if path else None,
+            rng=random.Random(seed), pool_factor=s.selection_pool, progress=rt.progress)
+        store.log_event("selected", round=round_no, collector=collector, rule=pick.rule, tau=pick.tau, tickets=len(pick.tickets),
+                        candidates=pick.candidates, mean_distance=pick.mean_distance, pool_mean_distance=pick.pool_mean_distance)
+        collect_and_correct(rt, pick.tickets, round_no, collector, summary)
     summary.seconds["collect"] = time.perf_counter() - clock
     u = summary.teacher_usage
     store.log_event("collected", round=round_no, collector=summary.collector, examples_added=summary.examples_added,
@@ -163,11 +174,16 @@ def retrain(rt: Runtime, round_no: int, summary: RoundSummary) -> RoundSummary:
     #    student applies it from its next load (here, the evaluation's) wherever it acts.
     clock = time.perf_counter()
     rt.student.load_adapter(path)
-    point = fit_operating_point(rt.student, rt.train_packs, max_over_escalation=s.max_over_escalation or None,
-                                per_company=s.calibration_tickets)
-    save_operating_point(point, path)
-    store.set_adapter_status(version, "candidate", train_metrics={**asdict(result), "operating_point": asdict(point)})
-    summary.tau = point.tau
+    try:
+        point = fit_operating_point(rt.student, rt.train_packs, max_over_escalation=s.max_over_escalation or None,
+                                    per_company=s.calibration_tickets, progress=rt.progress)
+        save_operating_point(point, path)
+        summary.tau = point.tau
+    except ValueError as e:  # e.g. validation tickets of one kind only: the adapter decodes by argmax
+        point = None
+        store.log_event("no_operating_point", version=version, reason=str(e))
+    store.set_adapter_status(version, "candidate",
+                             train_metrics={**asdict(result), "operating_point": asdict(point) if point else None})
     summary.seconds["calibrate"] = time.perf_counter() - clock
 
     # 6. evaluate on the held-out companies' fixed tickets, every ticket stored against the version.
@@ -177,7 +193,7 @@ def retrain(rt: Runtime, round_no: int, summary: RoundSummary) -> RoundSummary:
     record_eval(store, "student", rt.heldout_packs, results, adapter_version=version, round=round_no)
     summary.seconds["evaluate"] = time.perf_counter() - clock
 
-    plot_calibration([TicketOutcome.of(r) for r in results], point.tau, path / "calibration.png",
+    plot_calibration([TicketOutcome.of(r) for r in results], summary.tau, path / "calibration.png",
                      title=f"{version} on {', '.join(p.id for p in rt.heldout_packs)}")
 
     # 7. gate: paired against the promoted adapter (or the base model) on the same tickets.

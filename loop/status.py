@@ -31,6 +31,16 @@ class Status:
     traces: dict[str, int]  # production traces by status (served, accepted, corrected, review, rejected, ...)
     production_examples: int  # training rows from corrected production traces
     last_errors: list[str]
+    last_selection: str = "none yet"  # how the last SCoRe collection picked its tickets (loop/selection.py)
+
+
+def describe_pick(pick: dict) -> str:
+    """One line for a "selected" event: the rule, and how near τ the picked tickets lay."""
+    line = f"{pick['rule']}, {pick['tickets']} tickets (round {pick['round']})"
+    if pick.get("mean_distance") is not None:
+        line += (f"; mean |p(escalate) - τ| {pick['mean_distance']:.3f} picked vs {pick['pool_mean_distance']:.3f} over "
+                 f"{pick['candidates']} candidates, τ {pick['tau']:.2f}")
+    return line
 
 
 def lock_held(db: str | Path) -> bool:
@@ -58,7 +68,9 @@ def status(store: Store, db: str | Path) -> Status:
     today = datetime.now(timezone.utc).date().isoformat()
     spent = [e.payload for kind in ("collected", "production_judged") for e in store.events(kind=kind) if e.created_at.startswith(today)]
     errors = [f"{e.created_at[:19]} {e.payload.get('job', '')}: {e.payload.get('error', '')}" for e in store.events(kind="error")[-3:]]
+    picks = store.events(kind="selected")
     return Status(
+        last_selection=describe_pick(picks[-1].payload) if picks else "none yet",
         daemon_alive=alive, daemon=daemon, promoted=store.promoted_version() or "base",
         awaiting_approval=[a.version for a in store.adapters(status="awaiting_approval")],
         examples=store.count("examples"), examples_since_training=examples_since_training(store),

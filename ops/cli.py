@@ -537,6 +537,7 @@ def status_cmd(db: str, as_json: bool) -> None:
     console.print(f"promoted: {st.promoted}; awaiting approval: {', '.join(st.awaiting_approval) or 'none'}")
     console.print(f"examples: {st.examples} ({st.examples_since_training} since the last training)")
     console.print(f"teacher today: {st.teacher_calls_today} calls, {st.teacher_tokens_today} tokens, ${st.teacher_cost_today_usd:.4f}")
+    console.print(f"last ticket selection: {st.last_selection}")
     traces = ", ".join(f"{n} {state}" for state, n in sorted(st.traces.items())) or "none"
     console.print(f"production traces: {traces}; {st.production_examples} production training rows")
     for line in st.last_errors or ["none"]:

@@ -46,6 +46,8 @@ class Config:
     keep_clean: float = _f(0.5, "Probability of keeping a trajectory that needed no repair.")
     escalation_share: float = _f(0.3, "Share of training assistant turns that are escalations (oversampled up to it).")
     collect_with: Literal["promoted", "newest"] = _f("promoted", "Who rolls out in SCoRe rounds: the promoted adapter (else the base model), or the newest trained adapter even if the gate refused it.")
+    selection: Literal["uniform", "uncertainty", "mixed"] = _f("uniform", "Which training tickets a SCoRe collection rolls out: uniform at random; uncertainty: p(escalate) nearest the collector's τ (each reason and company kept); mixed: half each.")
+    selection_pool: int = _f(3, "Candidates scored per ticket picked, under the uncertainty and mixed rules.")
     eval_tickets: int = _f(30, "Held-out tickets per company in the fixed evaluation set.")
     calibration_tickets: int = _f(10, "Validation tickets per training company (never trained on) that each adapter's operating point τ is fitted on.")
     max_over_escalation: float = _f(0.0, "0: τ maximizes J = recall - over-escalation on validation; above 0: the best recall whose over-escalation stays within it.")
@@ -54,8 +56,8 @@ class Config:
     lora_alpha: int = _f(32, "LoRA alpha.")
     lora_dropout: float = _f(0.0, "LoRA dropout (0 = none; on CPU dropout costs ~15% of a training step).")
     epochs: float = _f(1.0, "Passes over the training set per adapter.")
-    learning_rate: float = _f(3e-4, "Peak learning rate (cosine decay).")
-    train_batch_size: int = _f(4, "Conversations per training step.")
+    learning_rate: float = _f(1e-3, "Peak learning rate (cosine decay); LoRA runs of under ~100 steps want 1e-3 (bench/learning.py).")
+    train_batch_size: int = _f(8, "Conversations per training step; one company's, its system message computed once (shared prefix).")
     grad_accum: int = _f(1, "Gradient accumulation steps.")
     decision_weight: float = _f(1.0, "Loss weight of the tokens that carry the decision (the action name and the reason code); 1 = plain mean.")
     lora_layers: int = _f(0, "LoRA on the top N decoder layers only; 0 = every layer.")
@@ -82,13 +84,13 @@ class Config:
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_new_tokens", "max_steps", "max_repairs", "eval_tickets", "lora_r",
-                     "train_batch_size", "grad_accum", "max_length", "rollout_workers"):
+                     "train_batch_size", "grad_accum", "max_length", "rollout_workers", "selection_pool"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("keep_clean", "escalation_share", "min_valid_json", "max_regression", "max_over_escalation"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
-        for name in ("method", "collect_with"):
+        for name in ("method", "collect_with", "selection"):
             allowed = get_args(get_type_hints(Config)[name])
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")

@@ -25,8 +25,11 @@ def build_packs(cfg: Config) -> list[Pack]:
 
 
 def build_teacher(cfg: Config) -> Teacher:
-    if cfg.teacher == "oracle":
-        return OracleTeacher()
+    if cfg.teacher == "oracle":  # free, but counted in the tokens a model teacher would be charged (the student's tokenizer)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.model))
+        return OracleTeacher(count_tokens=lambda text: len(tokenizer(text, add_special_tokens=False).input_ids))
     from policies.litellm_teacher import LiteLLMTeacher
 
     api_key = os.environ.get(cfg.teacher_api_key_env) if cfg.teacher_api_key_env else None
@@ -42,6 +45,7 @@ def round_settings(cfg: Config) -> RoundSettings:
         max_repairs=cfg.max_repairs, keep_clean=cfg.keep_clean, escalation_share=cfg.escalation_share,
         eval_tickets=cfg.eval_tickets, max_steps=cfg.max_steps, min_valid_json=cfg.min_valid_json,
         max_regression=cfg.max_regression, auto_approve=cfg.auto_approve, collect_with=cfg.collect_with,
+        selection=cfg.selection, selection_pool=cfg.selection_pool,
         calibration_tickets=cfg.calibration_tickets, max_over_escalation=cfg.max_over_escalation, seed=cfg.seed,
     )
 

@@ -30,11 +30,11 @@ import openai  # noqa: E402 (litellm's exceptions subclass the OpenAI SDK's)
 from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationError  # noqa: E402
 
 from environments.actions import Action  # noqa: E402
-from environments.episode import Entry  # noqa: E402
-from environments.pack import Ticket  # noqa: E402
-from policies.protocol import ACTION_CONTRACT, THOUGHT_GUIDE, parse_action, system_prompt  # noqa: E402
+from policies.protocol import parse_action  # noqa: E402
 from policies.redaction import Redactor  # noqa: E402
-from policies.teacher import Demonstration, Judgement, TeacherContext, TeacherUnavailable, Trajectory, Usage  # noqa: E402
+from policies.teacher import (  # noqa: E402
+    Demonstration, Judgement, TeacherContext, TeacherUnavailable, Trajectory, Usage, demonstrate_messages, judge_messages,
+)
 
 # Otherwise litellm prints a "Give Feedback / Get Help" banner on stdout for every failed call,
 # including the ones we retry on purpose.
@@ -108,32 +108,14 @@ class LiteLLMTeacher:
     # --- the Teacher protocol ------------------------------------------------------------------
 
     def judge(self, trajectory: Trajectory, context: TeacherContext) -> Judgement:
-        system = (
-            f"You review the steps of a support agent of {context.pack.company.name}.\n"
-            f"Company policy:\n{context.pack.company.policy.strip()}\n\n"
-            f'The agent was told:\n"""\n{ACTION_CONTRACT}\n"""\n{THOUGHT_GUIDE}'
-        )
-        user = (
-            f"{_situation(context.ticket, trajectory.transcript)}\n\n"
-            "Find the FIRST agent step that is wrong: against the policy, not a valid action, asking for a "
-            "detail that is not missing, answering without a needed detail or fact, or escalating when it "
-            "should not or with the wrong reason. Later steps do not matter.\n"
-            "Answer with ONE JSON object and nothing else:\n"
-            '{"first_error": <step number, or null when every step is right>, '
-            '"replacement": <the ONE agent action to take instead, in the format the agent was told, or null>, '
-            '"rationale": "<one sentence>"}'
-        )
         n_steps = len(trajectory.actions)
         redactor = Redactor(self.redact_patterns) if self.redact else None
-        answer, usage = self._ask(_redacted([{"role": "system", "content": system}, {"role": "user", "content": user}], redactor),
-                                  lambda text: _parse_judgement(text, n_steps))
+        answer, usage = self._ask(_redacted(judge_messages(trajectory, context), redactor), lambda text: _parse_judgement(text, n_steps))
         return Judgement(answer.first_error, _restored(answer.replacement, redactor), answer.rationale, usage)
 
     def demonstrate(self, prefix: Trajectory, context: TeacherContext) -> Demonstration:
-        user = f"{_situation(context.ticket, prefix.transcript)}\n\nWrite the agent's next step. {THOUGHT_GUIDE}"
-        messages = [{"role": "system", "content": system_prompt(context.pack.company)}, {"role": "user", "content": user}]
         redactor = Redactor(self.redact_patterns) if self.redact else None
-        action, usage = self._ask(_redacted(messages, redactor), _parse_step)
+        action, usage = self._ask(_redacted(demonstrate_messages(prefix, context), redactor), _parse_step)
         return Demonstration(_restored(action, redactor), usage)
 
     # --- one answer: budget, concurrency, retries, accounting ----------------------------------
@@ -191,26 +173,6 @@ class LiteLLMTeacher:
 
 
 # --- prompts and parsing ------------------------------------------------------------------------
-
-
-def _situation(ticket: Ticket | None, transcript: tuple[Entry, ...]) -> str:
-    """The hidden truth (in simulation) and the transcript with numbered agent steps."""
-    lines = []
-    if ticket is not None:
-        lines.append("Hidden truth of each customer turn (privileged: the student agent never sees it): resolution = how the turn must "
-                     "end; needs = details to ask for first; facts = what a correct reply must contain.")
-        for i, truth in enumerate(ticket.turns):
-            lines.append(f"- turn {i}: {json.dumps(truth.model_dump(exclude={'followups'}, exclude_defaults=True))}")
-        lines.append("")
-    lines.append("Transcript (tool lines are the KB results the agent saw):")
-    step = 0
-    for entry in transcript:
-        if entry.role == "agent":
-            lines.append(f"[step {step}] agent: {entry.content}")
-            step += 1
-        else:
-            lines.append(f"{entry.role}: {entry.content}")
-    return "\n".join(lines)
 
 
 def _parse_judgement(text: str, n_steps: int) -> tuple[_JudgeAnswer | None, str | None]:

@@ -6,12 +6,14 @@ offline default. `LiteLLMTeacher` (policies/litellm_teacher.py) asks any model l
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 from environments.actions import Action
 from environments.episode import Entry, SupportEpisode
 from environments.pack import Pack, Ticket
+from policies.protocol import ACTION_CONTRACT, THOUGHT_GUIDE, system_prompt
 
 
 @dataclass(frozen=True)
@@ -79,28 +81,42 @@ class Teacher(Protocol):
 
 
 class OracleTeacher:
-    """Judges with the environment's checker and replaces with its reference action. Free, but
-    each answer counts as one call, so methods compare at the same teacher budget."""
+    """Judges with the environment's checker and replaces with its reference action. Free, but each
+    answer counts as one call and, given `count_tokens` (the student's tokenizer, say), as the tokens
+    a model teacher would be charged for it: the prompts `LiteLLMTeacher` sends for the same
+    question and the JSON answer. So methods and selection rules compare at the same teacher budget."""
 
     name = "oracle"
+
+    def __init__(self, count_tokens: Callable[[str], int] | None = None):
+        self.count_tokens = count_tokens
 
     def judge(self, trajectory: Trajectory, context: TeacherContext) -> Judgement:
         ticket = _need_ticket(context)
         episode = SupportEpisode(context.pack, ticket)
+        first, reason = None, "every step is acceptable"
         for i, action in enumerate(trajectory.actions):
-            if action is None:
-                return Judgement(i, episode.reference_action(), "the output is not a valid action", ONE_CALL)
-            verdict = episode.judge(action)
-            if not verdict.acceptable:
-                return Judgement(i, episode.reference_action(), verdict.reason, ONE_CALL)
+            verdict = episode.judge(action) if action is not None else None
+            if verdict is None or not verdict.acceptable:
+                first, reason = i, verdict.reason if verdict is not None else "the output is not a valid action"
+                break
             episode.step(action)
             if episode.done:
                 break
-        return Judgement(None, None, "every step is acceptable", ONE_CALL)
+        replacement = episode.reference_action() if first is not None else None
+        answer = json.dumps({"first_error": first, "replacement": json.loads(replacement.to_json()) if replacement else None,
+                             "rationale": reason})
+        return Judgement(first, replacement, reason, self._usage(judge_messages(trajectory, context), answer))
 
     def demonstrate(self, prefix: Trajectory, context: TeacherContext) -> Demonstration:
         episode = SupportEpisode.replay(context.pack, _need_ticket(context), [a for a in prefix.actions if a is not None])
-        return Demonstration(episode.reference_action(), ONE_CALL)
+        action = episode.reference_action()
+        return Demonstration(action, self._usage(demonstrate_messages(prefix, context), action.to_json()))
+
+    def _usage(self, messages: list[dict[str, str]], answer: str) -> Usage:
+        if self.count_tokens is None:
+            return ONE_CALL
+        return Usage(1, sum(self.count_tokens(m["content"]) for m in messages), self.count_tokens(answer))
 
 
 ONE_CALL = Usage(calls=1)
@@ -110,3 +126,52 @@ def _need_ticket(context: TeacherContext) -> Ticket:
     if context.ticket is None:
         raise ValueError("the oracle teacher needs a simulated ticket's truth; use a LiteLLM teacher for production traces")
     return context.ticket
+
+
+# --- the prompts a model teacher gets (LiteLLMTeacher sends them; the oracle counts them) --------
+
+
+def judge_messages(trajectory: Trajectory, context: TeacherContext) -> list[dict[str, str]]:
+    """Find the first wrong step of `trajectory`, and the ONE action to take instead."""
+    system = (
+        f"You review the steps of a support agent of {context.pack.company.name}.\n"
+        f"Company policy:\n{context.pack.company.policy.strip()}\n\n"
+        f'The agent was told:\n"""\n{ACTION_CONTRACT}\n"""\n{THOUGHT_GUIDE}'
+    )
+    user = (
+        f"{situation(context.ticket, trajectory.transcript)}\n\n"
+        "Find the FIRST agent step that is wrong: against the policy, not a valid action, asking for a "
+        "detail that is not missing, answering without a needed detail or fact, or escalating when it "
+        "should not or with the wrong reason. Later steps do not matter.\n"
+        "Answer with ONE JSON object and nothing else:\n"
+        '{"first_error": <step number, or null when every step is right>, '
+        '"replacement": <the ONE agent action to take instead, in the format the agent was told, or null>, '
+        '"rationale": "<one sentence>"}'
+    )
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+def demonstrate_messages(prefix: Trajectory, context: TeacherContext) -> list[dict[str, str]]:
+    """Write the agent's next step after `prefix`."""
+    user = f"{situation(context.ticket, prefix.transcript)}\n\nWrite the agent's next step. {THOUGHT_GUIDE}"
+    return [{"role": "system", "content": system_prompt(context.pack.company)}, {"role": "user", "content": user}]
+
+
+def situation(ticket: Ticket | None, transcript: tuple[Entry, ...]) -> str:
+    """The hidden truth (in simulation) and the transcript with numbered agent steps."""
+    lines = []
+    if ticket is not None:
+        lines.append("Hidden truth of each customer turn (privileged: the student agent never sees it): resolution = how the turn must "
+                     "end; needs = details to ask for first; facts = what a correct reply must contain.")
+        for i, truth in enumerate(ticket.turns):
+            lines.append(f"- turn {i}: {json.dumps(truth.model_dump(exclude={'followups'}, exclude_defaults=True))}")
+        lines.append("")
+    lines.append("Transcript (tool lines are the KB results the agent saw):")
+    step = 0
+    for entry in transcript:
+        if entry.role == "agent":
+            lines.append(f"[step {step}] agent: {entry.content}")
+            step += 1
+        else:
+            lines.append(f"{entry.role}: {entry.content}")
+    return "\n".join(lines)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from environments.builtin import build_packs
-from loop.calibration import fit_operating_point, fit_threshold, plot_calibration, ticket_scores
+from loop.calibration import fit_operating_point, fit_threshold, plot_calibration
 from loop.evaluate import validation_tickets
 from loop.metrics import TicketOutcome, report
 from policies.hf import ESCALATE, EscalationGate, action_first_token_ids
@@ -101,7 +101,7 @@ def test_tau_is_fitted_on_validation_tickets_and_refuses_held_out_companies():
     with pytest.raises(ValueError, match="held out"):
         fit_operating_point(scorer, HELDOUT, per_company=5)
     with pytest.raises(ValueError, match="held out"):
-        ticket_scores(scorer, TRAIN + HELDOUT, per_company=2)
+        fit_operating_point(scorer, TRAIN + HELDOUT, per_company=2)
 
 
 def test_the_plot_is_a_png_of_the_expected_size(tmp_path):
@@ -111,7 +111,7 @@ def test_the_plot_is_a_png_of_the_expected_size(tmp_path):
     path = plot_calibration(outcomes, 0.5, tmp_path / "calibration.png", title="v0001")
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size == (800, 360)
-        assert len(set(image.convert("L").getdata())) > 10  # drawn on, not blank
+        assert len(set(image.convert("L").get_flattened_data())) > 10  # drawn on, not blank
 
 
 def test_eval_reports_calibration_with_intervals_and_writes_the_plot(tmp_path):

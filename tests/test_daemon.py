@@ -63,7 +63,8 @@ def test_daemon_resumes_after_sigkill_and_stops_on_sigterm(tiny_model_dir, tmp_p
     db = tmp_path / "a.db"
     settings = {"packs": two_company_packs(tmp_path / "packs"), "model": tiny_model_dir, "adapters_dir": tmp_path / "adapters",
                 "warm_start_tickets": 6, "rollout_tickets": 3, "eval_tickets": 3, "max_new_tokens": 16, "epochs": 1,
-                "retrain_min_examples": 3, "inbox": tmp_path / "inbox"}
+                "retrain_min_examples": 3, "inbox": tmp_path / "inbox",
+                "calibration_tickets": 1}  # acme has 7 tickets: the validation split must leave training ones
     log = open(tmp_path / "daemon.log", "ab")
     first = start(db, settings, log)
     try:

@@ -235,3 +235,23 @@ def test_redaction_off_only_on_loopback(stub, make):
     make(redact=False)  # the stub listens on 127.0.0.1: allowed
     with pytest.raises(ValueError, match="only for a teacher on loopback"):
         LiteLLMTeacher("openai/gpt-x", api_base="https://teacher.example/v1", redact=False)
+
+
+def test_the_oracle_counts_the_tokens_of_the_prompts_a_model_teacher_is_sent(stub, make):
+    """Teacher tokens are the currency: the free oracle is charged what the litellm teacher would send and receive."""
+    from policies.teacher import OracleTeacher
+
+    teacher = make(redact=False)
+    stub.enqueue([GOOD, json.dumps(CLARIFY.model_dump())])
+    teacher.judge(wrong_trajectory(), SIM)
+    prefix = Trajectory.of(SupportEpisode(PACK, T3))
+    teacher.demonstrate(prefix, SIM)
+    words = lambda text: len(text.split())  # noqa: E731  (any counter: the student's tokenizer in a run)
+    oracle = OracleTeacher(count_tokens=words)
+    judged, shown = oracle.judge(wrong_trajectory(), SIM), oracle.demonstrate(prefix, SIM)
+    for request, usage in zip(stub.requests, (judged.usage, shown.usage)):
+        assert usage.calls == 1 and usage.prompt_tokens == sum(words(m["content"]) for m in request["messages"]) > 100
+    assert judged.first_error == 1 and judged.usage.completion_tokens == words(json.dumps(
+        {"first_error": 1, "replacement": json.loads(judged.replacement.to_json()), "rationale": judged.rationale}))
+    assert shown.usage.completion_tokens == words(shown.action.to_json()) > 0
+    assert OracleTeacher().judge(wrong_trajectory(), SIM).usage == Usage(calls=1)  # no counter: calls only

@@ -26,7 +26,7 @@ def test_two_rounds_through_apprentice_run(tiny_model_dir, tmp_path):
     packs = two_company_packs(tmp_path / "packs")
     db = tmp_path / "a.db"
     settings = {"packs": packs, "model": tiny_model_dir, "adapters_dir": tmp_path / "adapters", "warm_start_tickets": 6,
-                "rollout_tickets": 6, "eval_tickets": 7, "max_new_tokens": 24, "epochs": 1, "rollout_workers": 1}
+                "rollout_tickets": 6, "eval_tickets": 7, "max_new_tokens": 24, "epochs": 1, "rollout_workers": 1, "selection": "mixed"}
     args = [a for k, v in settings.items() for a in ("--set", f"{k}={v}")]
     cmd = [sys.executable, "-m", "ops.cli", "run", "--rounds", "2", "--db", str(db), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=Path(__file__).parents[1])
@@ -48,6 +48,13 @@ def test_two_rounds_through_apprentice_run(tiny_model_dir, tmp_path):
     assert len(store.episodes(run_kind="rollout")) == 6
     assert store.corrections()  # a random tiny model errs on its first step: the teacher repaired it
     assert all(e.company_id == "acme-widgets" for e in store.examples())  # never the held-out company
+    # the SCoRe collection picked its tickets by the configured rule, and the free oracle was charged in tokens
+    [pick] = [e.payload for e in store.events(kind="selected")]
+    assert pick["rule"] == "mixed" and pick["tickets"] == 6 and pick["mean_distance"] is not None
+    assert all(e.payload["teacher_tokens"] > 100 * e.payload["teacher_calls"] > 0 for e in store.events(kind="collected"))
+    status = subprocess.run([sys.executable, "-m", "ops.cli", "status", "--db", str(db)], capture_output=True, text=True,
+                            cwd=Path(__file__).parents[1])
+    assert "last ticket selection: mixed, 6 tickets (round 2)" in status.stdout
 
 
 @pytest.mark.slow
