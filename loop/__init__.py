@@ -1,0 +1,1 @@
+import policies  # noqa: F401  (first: its __init__ quiets a library notice before loop imports those libraries)

@@ -45,6 +45,9 @@ def start_ray(address: str = "") -> None:
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
+            # A local cluster of our own. Token auth is Ray's default for one; saying so explicitly keeps
+            # it and spares every run Ray's warning that the mode was chosen for us.
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True)
 
 

@@ -105,7 +105,7 @@ def test_unshared_loss_is_the_causal_lm_loss(tiny_model_dir, tokenizer):
 
 def test_company_batches_hold_one_company_and_cover_every_conversation_each_pass():
     groups = ["a"] * 10 + ["b"] * 5 + ["c"]
-    batches = CompanyBatches(groups, lengths=list(range(16)), batch_size=4, seed=0)
+    batches = CompanyBatches(groups, batch_size=4, seed=0)
     first, second = list(batches), list(batches)
     assert len(first) == len(batches) == 3 + 2 + 1
     for order in (first, second):
