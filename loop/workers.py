@@ -10,10 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ray
+# Token auth is Ray's default for a cluster it starts; stating it before Ray reads its config keeps
+# it and spares every run Ray's warning that the mode was chosen for us. RAY_AUTH_MODE set in the
+# environment (e.g. "disabled" to join a cluster without auth) wins.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
-from loop.train import PROBE_FILE, PROBE_TEXTS, LoraSettings, TrainResult, train_adapter
-from policies.student import Generation, Message, operating_point
+import ray  # noqa: E402
+
+from loop.train import PROBE_FILE, PROBE_TEXTS, LoraSettings, TrainResult, train_adapter  # noqa: E402
+from policies.student import Generation, Message, operating_point  # noqa: E402
 
 PROBE_TOLERANCE = 0.05  # mean log-prob per token; a stale adapter is off by far more
 
@@ -45,9 +50,6 @@ def start_ray(address: str = "") -> None:
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
-            # A local cluster of our own. Token auth is Ray's default for one; saying so explicitly keeps
-            # it and spares every run Ray's warning that the mode was chosen for us.
-            os.environ.setdefault("RAY_AUTH_MODE", "token")
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True)
 
 
