@@ -6,21 +6,25 @@
 Every variant trains ONE fresh LoRA adapter on oracle demonstrations of built-in training tickets
 (drawn from the training pool: never a validation ticket, never a held-out company), escalation
 conversations oversampled as a round does, and saves snapshots after each of `--sizes`
-conversations. Each snapshot is evaluated greedy, with the same code as `apprentice eval`:
+conversations. Every snapshot (and the last adapter) gets its p(escalate) scored on the oracle's
+states of (loop/calibration.py, cheap: no episode is played):
 
-- on the validation split of the training companies (`--val-tickets` per company): recipes are
-  chosen on these numbers;
-- on a fixed subset of the held-out pair (`--curve-tickets` per company), for the curve;
-- the last snapshot also on `--heldout-tickets` per held-out company and on the hand-written packs
-  in bench/packs (written by hand, in another style; never trained on): the reported numbers.
+- the validation split of the training companies (`--val-tickets` per company), where its τ is
+  fitted: recipes are chosen on these numbers;
+- `--curve-tickets` per held-out company, at that τ: the curve.
+
+The variant whose last adapter has the highest validation J then plays greedy episodes at its τ,
+with the same code as `apprentice eval`, on `--heldout-tickets` per held-out company and on the
+hand-written packs in bench/packs (written by hand, in another style; never trained on): the
+reported numbers. Validation chooses; the held-out companies only report.
 
 Variants (the training data differ only in the oracle's thought and the key order):
   terse         the oracle's old thoughts ("Policy says escalate: X.", "Look up the policy.")
   rationale     the thought names what the customer wants and the policy clause that decides it
   action-first  the rationale, after the action: {"action", "args", "thought", "message"}
 
-Prints a table per variant and snapshot, writes bench/reports/learning.md and learning.png
-(held-out J against training minutes, one line per variant).
+Prints a line per snapshot, writes bench/reports/<name>.md and <name>.png (held-out J at the
+validation τ against training minutes, one line per variant).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import torch
 
 from environments.builtin import build_packs
 from environments.pack import Pack, load_packs
+from loop.calibration import OperatingPoint, fit_threshold, save_operating_point, ticket_scores
 from loop.dataset import oversample_escalations
 from loop.evaluate import eval_tickets, run_episodes, training_pool, validation_tickets
 from loop.metrics import TicketOutcome, report
@@ -46,8 +51,7 @@ from loop.round import training_messages
 from loop.train import LoraSettings, train_adapter
 from policies.hf import HFStudent
 from policies.models import resolve_model
-from policies.policy import OraclePolicy, Output, StudentPolicy
-from policies.protocol import render_messages
+from policies.policy import OraclePolicy, StudentPolicy
 from report import publish  # bench/report.py: the script's folder is on sys.path
 
 HANDWRITTEN = Path(__file__).parent / "packs"
@@ -104,22 +108,36 @@ def action_first_messages(messages: list[dict[str, str]]) -> list[dict[str, str]
     return out
 
 
-class ActionFirstPolicy(StudentPolicy):
-    """The student, prompted with its earlier steps (and the contract) in action-first order."""
+class ActionFirstStudent:
+    """The student, prompted with its earlier steps (and the contract's example) in action-first order."""
 
-    def act(self, episodes) -> list[Output]:
-        prompts = [action_first_messages(render_messages(e.pack.company, e.transcript)) for e in episodes]
-        return [Output(g.text, g.p_escalate) for g in self.student.generate_with_info(prompts)]
+    def __init__(self, student: HFStudent):
+        self.student = student
+
+    def generate_with_info(self, prompts):
+        return self.student.generate_with_info([action_first_messages(p) for p in prompts])
+
+    def escalation_probabilities(self, prompts):
+        return self.student.escalation_probabilities([action_first_messages(p) for p in prompts])
 
 
-def outcomes(student: HFStudent, variant: Variant, work: list[tuple[Pack, object]], max_steps: int) -> list[TicketOutcome]:
-    policy = (ActionFirstPolicy if variant.action_first else StudentPolicy)(student)
-    return [TicketOutcome.of(e.result()) for e in run_episodes(policy, work, max_steps=max_steps, progress=False)]
+def auroc(scored: list[tuple[float, bool]]) -> float:
+    pos = [s for s, y in scored if y]
+    neg = [s for s, y in scored if not y]
+    return sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
 
 
-def summary(outs: list[TicketOutcome]) -> dict:
-    m = report(outs, by_company=False).metrics
-    return {k: m[k] for k in ("valid_json_rate", "escalation_recall", "over_escalation_rate", "reason_accuracy", "calibration_j")}
+def at(scored: list[tuple[float, bool]], tau: float) -> float:
+    """J of the tickets' scores at threshold τ."""
+    pos = [s >= tau for s, y in scored if y]
+    neg = [s >= tau for s, y in scored if not y]
+    return sum(pos) / len(pos) - sum(neg) / len(neg)
+
+
+def greedy(student, work, max_steps: int) -> dict:
+    """The full metric set of greedy episodes (τ applied when the student has one)."""
+    outs = [TicketOutcome.of(e.result()) for e in run_episodes(StudentPolicy(student), work, max_steps=max_steps, progress=False)]
+    return report(outs, by_company=False).metrics
 
 
 def fmt(e) -> str:
@@ -135,12 +153,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--decision-weight", type=float, default=1.0)
     parser.add_argument("--escalation-share", type=float, default=0.3)
-    parser.add_argument("--val-tickets", type=int, default=4, help="validation tickets per training company, per snapshot")
-    parser.add_argument("--curve-tickets", type=int, default=20, help="held-out tickets per company, per snapshot")
-    parser.add_argument("--heldout-tickets", type=int, default=60, help="held-out tickets per company, last snapshot")
+    parser.add_argument("--val-tickets", type=int, default=10, help="validation tickets per training company (τ is fitted on them)")
+    parser.add_argument("--curve-tickets", type=int, default=30, help="held-out tickets per company scored at every snapshot")
+    parser.add_argument("--heldout-tickets", type=int, default=60, help="held-out tickets per company, greedy episodes, last snapshot")
+    parser.add_argument("--handwritten-tickets", type=int, default=30, help="tickets per hand-written pack, last snapshot")
     parser.add_argument("--max-steps", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="learning", help="report name under bench/reports/")
+    parser.add_argument("--keep", default="", help="folder to keep the adapters in (default: a new temporary folder)")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     sizes = sorted(int(x) for x in args.sizes.split(","))
@@ -150,65 +170,103 @@ def main() -> None:
     train_packs = [p for p in packs if p.company.split == "train"]
     heldout = [p for p in packs if p.company.split == "heldout"]
     handwritten = load_packs(HANDWRITTEN) if HANDWRITTEN.is_dir() else []
+    val_work = [(p, t) for p in train_packs for t in validation_tickets(p, args.val_tickets)]
+    curve_work = [(p, t) for p in heldout for t in eval_tickets(p, args.curve_tickets)]
     model_dir = resolve_model("smollm2-135m")
-    student = HFStudent(model_dir, max_new_tokens=128, batch_size=8)
+    hf = HFStudent(model_dir, max_new_tokens=128, batch_size=8)
 
-    rows, curves = [], {}
+    keep = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="learning-"))
+    snapshot_rows, trained, curves = [], [], {}
     for variant_name in args.variants.split(","):
         for lr in args.lr.split(","):
             variant = VARIANTS[variant_name]
             label = variant.name + (f" lr {lr}" if "," in args.lr else "")
+            student = ActionFirstStudent(hf) if variant.action_first else hf
             source = train_packs if variant.rationale else [without_rationales(p) for p in train_packs]
-            n_demos = max(sizes)  # oversampling adds escalation copies; the snapshots count conversations
-            demos = run_episodes(OraclePolicy(), random.Random(args.seed).sample(training_pool(source), n_demos), progress=False)
+            demos = run_episodes(OraclePolicy(), random.Random(args.seed).sample(training_pool(source), max(sizes)), progress=False)
             conversations = [training_messages(e) for e in demos if e.result().resolved]
             if variant.action_first:
                 conversations = [action_first_messages(c) for c in conversations]
             conversations = oversample_escalations(conversations, args.escalation_share, seed=args.seed)
             settings = LoraSettings(epochs=args.epochs, batch_size=args.batch, learning_rate=float(lr), seed=args.seed,
                                     decision_weight=args.decision_weight, **variant.lora)
-            with tempfile.TemporaryDirectory() as tmp:
-                out = Path(tmp) / "adapter"
-                result = train_adapter(model_dir, conversations, out, settings, progress=False, snapshots=sizes)
-                snaps = sorted(Path(tmp).glob("adapter@*"), key=lambda p: int(p.name.split("@")[1]))
-                snaps = snaps or [out]
-                for i, snap in enumerate(snaps):
-                    meta = json.loads((snap / "snapshot.json").read_text()) if (snap / "snapshot.json").exists() else {
-                        "conversations": len(conversations) * args.epochs, "seconds": result.seconds}
-                    student.load_adapter(snap)
-                    val_work = [(p, t) for p in train_packs for t in validation_tickets(p, args.val_tickets)]
-                    val = summary(outcomes(student, variant, val_work, args.max_steps))
-                    last = i == len(snaps) - 1
-                    n_held = args.heldout_tickets if last else args.curve_tickets
-                    held_work = [(p, t) for p in heldout for t in eval_tickets(p, n_held)]
-                    held_outs = outcomes(student, variant, held_work, args.max_steps)
-                    curve_outs = [o for o in held_outs if o.ticket_id in {t.id for p in heldout for t in eval_tickets(p, args.curve_tickets)}]
-                    curves.setdefault(label, []).append((meta["seconds"] / 60, report(curve_outs, by_company=False).metrics["calibration_j"]))
-                    held = summary(held_outs)
-                    hand = summary(outcomes(student, variant, [(p, t) for p in handwritten for t in p.tickets], args.max_steps)) if last and handwritten else None
-                    rows.append((label, meta["conversations"], meta["seconds"] / 60, len(held_outs), val, held, hand))
-                    print(f"{label} @{meta['conversations']}: val J {fmt(val['calibration_j'])}, held-out J {fmt(held['calibration_j'])} "
-                          f"valid {held['valid_json_rate'].value:.2f} ({time.perf_counter() - clock:.0f} s)", flush=True)
+            started = time.perf_counter()
+            out = keep / label.replace(" ", "-")
+            result = train_adapter(model_dir, conversations, out, settings, progress=False, snapshots=sizes)
+            snaps = sorted(keep.glob(f"{out.name}@*"), key=lambda p: int(p.name.split("@")[1]))
+            for snap in snaps + [out]:
+                meta = json.loads((snap / "snapshot.json").read_text()) if snap != out else {
+                    "conversations": round(len(conversations) * args.epochs), "seconds": result.seconds}
+                hf.load_adapter(snap)
+                val = ticket_scores(student, val_work)
+                tau, _, _ = fit_threshold(val)
+                held = ticket_scores(student, curve_work)
+                row = (label, meta["conversations"], meta["seconds"] / 60, tau, auroc(val), at(val, tau), auroc(held), at(held, tau))
+                snapshot_rows.append(row)
+                curves.setdefault(label, []).append((row[2], row[7]))
+                print(f"{label} @{row[1]}: {row[2]:.1f} train min, τ {tau:.2f}, val AUROC {row[4]:.2f} J {row[5]:.2f}, "
+                      f"held-out AUROC {row[6]:.2f} J@τ {row[7]:.2f} ({time.perf_counter() - clock:.0f} s)", flush=True)
+            save_operating_point(OperatingPoint(tau, 0, 0, 0, len(val), None), out)  # the last adapter's τ
+            trained.append((label, variant, out, round(len(conversations) * args.epochs), result, (time.perf_counter() - started) / 60,
+                            row[5]))
+
+    # The recipe validation picks (the highest validation J of a last adapter) plays greedy episodes at
+    # its τ on the held-out pair and the hand-written packs: the reported numbers.
+    label, variant, out, n_conv, result, wall, _ = chosen = max(trained, key=lambda t: t[6])
+    hf.load_adapter(out)
+    student = ActionFirstStudent(hf) if variant.action_first else hf
+    held = greedy(student, [(p, t) for p in heldout for t in eval_tickets(p, args.heldout_tickets)], args.max_steps)
+    hand = greedy(student, [(p, t) for p in handwritten for t in eval_tickets(p, args.handwritten_tickets)], args.max_steps) \
+        if handwritten else None
+    print(f"{label} (chosen on validation) final: held-out J {fmt(held['calibration_j'])} valid {fmt(held['valid_json_rate'])} "
+          f"({time.perf_counter() - clock:.0f} s); adapters kept in {keep}", flush=True)
 
     lines = [
         "# Learning curves: oracle demonstrations, held-out companies",
         "",
         f"`bench/learning.py {' '.join(f'--{k.replace(chr(95), chr(45))} {v}' for k, v in vars(args).items())}`",
-        f"Real SmolLM2-135M, LoRA r 16 on all linear layers, batch {args.batch}, shared-prefix trainer, {torch.get_num_threads()} threads,",
-        f"{os.cpu_count()} CPU cores; greedy evaluation, at most {args.max_steps} steps per episode; 95% bootstrap intervals over tickets.",
-        f"Validation: {args.val_tickets} tickets of each of the {len(train_packs)} training companies (never trained on). "
-        f"Held out: {', '.join(p.id for p in heldout)}. Hand-written: {', '.join(p.id for p in handwritten) or 'none'}.",
-        f"Whole run: {(time.perf_counter() - clock) / 60:.0f} min.",
         "",
-        "| variant | conversations | train min | validation J | held-out tickets | valid JSON | recall | over-esc. | reason acc. | held-out J | hand-written valid JSON | hand-written J |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"Real SmolLM2-135M, LoRA r 16 on all linear layers, batch {args.batch}, shared-prefix trainer, {torch.get_num_threads()} threads,",
+        f"{os.cpu_count()} CPU cores. Whole run: {(time.perf_counter() - clock) / 60:.0f} min.",
+        f"Validation: {args.val_tickets} tickets of each of the {len(train_packs)} training companies, never trained on; τ is fitted there.",
+        f"Held out: {', '.join(p.id for p in heldout)}. Hand-written (bench/packs, another author's style, never trained on): "
+        f"{', '.join(p.id for p in handwritten) or 'none'}.",
+        "",
+        "## Every snapshot: p(escalate) on the oracle's states",
+        "",
+        "A ticket's score is the student's highest p(escalate) over the states the oracle passes through, up to the first where",
+        "escalating is right; it escalates at τ when its score reaches τ. Cheap (no episode is played), and the τ comes from",
+        "validation only.",
+        "",
+        "| variant | conversations | train min | τ | validation AUROC | validation J at τ | held-out AUROC | held-out J at τ |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for label, conv, minutes, n, val, held, hand in rows:
-        lines.append(f"| {label} | {conv} | {minutes:.1f} | {fmt(val['calibration_j'])} | {n} | {fmt(held['valid_json_rate'])} | "
-                     f"{fmt(held['escalation_recall'])} | {fmt(held['over_escalation_rate'])} | {fmt(held['reason_accuracy'])} | "
-                     f"{fmt(held['calibration_j'])} | {fmt(hand['valid_json_rate']) if hand else '-'} | {fmt(hand['calibration_j']) if hand else '-'} |")
+    lines += [f"| {r[0]} | {r[1]} | {r[2]:.1f} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:.2f} | {r[6]:.2f} | {r[7]:.2f} |" for r in snapshot_rows]
+    lines += [
+        "",
+        "## Every variant: its last adapter",
+        "",
+        "| variant | train conversations | train tokens | train min | wall min (training and scoring) | validation J at τ |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    lines += [f"| {t[0]} | {t[3]} | {t[4].tokens:,} | {t[4].seconds / 60:.1f} | {t[5]:.0f} | {t[6]:.2f} |" for t in trained]
+    lines += [
+        "",
+        "## The recipe validation chose: greedy episodes at its τ (95% bootstrap CIs over tickets)",
+        "",
+        f"Chosen: **{label}**, the highest validation J at τ of the last adapters "
+        f"({', '.join(f'{t[0]} {t[6]:.2f}' for t in trained)}). Only it is played on the held-out pair and the hand-written packs.",
+        "",
+        "| variant | train conversations | train tokens | train min | wall min | held-out tickets | valid JSON | recall | over-esc. | "
+        "reason acc. | J | hand-written valid JSON | hand-written J |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| {label} | {n_conv} | {result.tokens:,} | {result.seconds / 60:.1f} | {wall:.0f} | {args.heldout_tickets * len(heldout)} | "
+        f"{fmt(held['valid_json_rate'])} | {fmt(held['escalation_recall'])} | {fmt(held['over_escalation_rate'])} | "
+        f"{fmt(held['reason_accuracy'])} | {fmt(held['calibration_j'])} | {fmt(hand['valid_json_rate']) if hand else '-'} | "
+        f"{fmt(hand['calibration_j']) if hand else '-'} |",
+    ]
     plot(curves, Path(__file__).parent / "reports" / f"{args.name}.png")
-    lines += ["", f"![held-out J against training minutes]({args.name}.png)"]
+    lines += ["", f"![held-out J at τ against training minutes]({args.name}.png)"]
     publish(args.name, lines)
 
 
@@ -220,13 +278,10 @@ def plot(curves: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     for label, points in curves.items():
-        xs = [x for x, _ in points]
-        ys = [e.value for _, e in points]
-        err = [[e.value - e.low for _, e in points], [e.high - e.value for _, e in points]]
-        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label)
+        ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=label)
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_xlabel("training minutes (this CPU)")
-    ax.set_ylabel("held-out J (95% CI)")
+    ax.set_ylabel("held-out J at the validation τ")
     ax.legend()
     fig.tight_layout()
     path.parent.mkdir(exist_ok=True)

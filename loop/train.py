@@ -33,7 +33,6 @@ import re
 import shutil
 import tempfile
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,9 +46,6 @@ from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 from policies.hf import mean_logprobs
-
-# TRL 1.16 and PEFT still read the attribute transformers 5.24 renamed; the warning is theirs to fix.
-warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 from policies.models import training_template
 
 PROBE_FILE = "probe.json"
