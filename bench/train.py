@@ -1,6 +1,6 @@
 """Training throughput: shared-prefix batches against the trainer apprentice had before, side by side.
 
-    .venv/bin/python bench/train.py [--demos 160] [--epochs 1] [--batch 8]
+    .venv/bin/python bench/train.py [--demos 64] [--epochs 1] [--batch 8]
 
 Every variant trains a fresh LoRA adapter (r 16, all linear layers) with the real SmolLM2-135M on
 the same oracle demonstrations of built-in training tickets (drawn as a round draws them), one
@@ -9,7 +9,8 @@ after the other in this process:
 - "before": the trainer of the previous release, kept here as the reference: TRL's collator
   (random batches, a padding mask), the loss on the union of trained positions; batch 4 with 2
   accumulation steps (the same effective batch of 8; at 8 it needs ~24 GB);
-- "unshared": apprentice's loss (no padding mask, only trained tokens reach the LM head), batch 8;
+- "unshared": apprentice's loss (no padding mask, only trained tokens reach the LM head), batch 4 x 2
+  accumulation like "before" (at batch 8 it needs ~24 GB);
 - "shared prefix": the same, one company per batch and its common prefix computed once, batch 8.
 
 Prints conversations/s, tokens/s counted as if unshared, the final loss and the peak resident
@@ -64,6 +65,7 @@ def train_before(model_dir: Path, conversations: list, settings: LoraSettings) -
             output_dir=scratch, assistant_only_loss=True, max_length=settings.max_length, per_device_train_batch_size=4,
             gradient_accumulation_steps=settings.batch_size // 4, num_train_epochs=settings.epochs, learning_rate=settings.learning_rate,
             lr_scheduler_type="cosine", save_strategy="no", report_to=[], seed=settings.seed, use_cpu=True, disable_tqdm=True,
+            activation_checkpointing=False,  # as the previous release set it (TRL defaults to on)
         )
         trainer = BeforeTrainer(model=model, args=config, train_dataset=Dataset.from_list([{"messages": c} for c in conversations]),
                                 processing_class=tokenizer, peft_config=train.lora_config(settings, model.config.num_hidden_layers))
@@ -75,7 +77,7 @@ def train_before(model_dir: Path, conversations: list, settings: LoraSettings) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--demos", type=int, default=160, help="oracle demonstrations to train on")
+    parser.add_argument("--demos", type=int, default=64, help="oracle demonstrations to train on")
     parser.add_argument("--epochs", type=float, default=1.0, help="passes over them")
     parser.add_argument("--batch", type=int, default=8, help="conversations per optimizer step")
     args = parser.parse_args()
@@ -87,7 +89,7 @@ def main() -> None:
     model_dir = resolve_model("smollm2-135m")
     tokenizer = train.AutoTokenizer.from_pretrained(model_dir)
     tokenizer.chat_template = training_template(tokenizer)
-    tokens = sum(len(train.encode(tokenizer, c, max_length=1024).input_ids) for c in conversations) * args.epochs
+    tokens = round(sum(len(train.encode(tokenizer, c, max_length=1024).input_ids) for c in conversations) * args.epochs)
     n = len(conversations) * args.epochs
     base = LoraSettings(epochs=args.epochs, batch_size=args.batch, learning_rate=1e-3)
 
@@ -95,7 +97,8 @@ def main() -> None:
     before = train_before(model_dir, conversations, base)
     rows.append(("before (batch 4 x 2 accumulation)", before["steps"], before["seconds"], before["loss"], before["peak"]))
     with tempfile.TemporaryDirectory() as tmp:
-        for name, settings in [("unshared", dataclasses.replace(base, share_prefix=False)), ("shared prefix", base)]:
+        unshared = dataclasses.replace(base, share_prefix=False, batch_size=4, grad_accum=args.batch // 4)  # batch 8 swaps at ~24 GB
+        for name, settings in [("unshared (batch 4 x 2 accumulation)", unshared), ("shared prefix", base)]:
             r = train_adapter(model_dir, conversations, Path(tmp) / name.replace(" ", "-"), settings, progress=False)
             rows.append((name, r.steps, r.seconds, r.train_loss, r.peak_memory_gb))
     reference = rows[0][2]
