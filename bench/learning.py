@@ -9,8 +9,9 @@ conversations oversampled as a round does, and saves snapshots after each of `--
 conversations. Every snapshot (and the last adapter) gets its p(escalate) scored on the oracle's
 states of (loop/calibration.py, cheap: no episode is played):
 
-- the validation split of the training companies (`--val-tickets` per company), where its τ is
-  fitted: recipes are chosen on these numbers;
+- the validation split of the training companies under policy numbers drawn with `--val-seed`, never
+  trained on (`--val-tickets` per company), where its τ is fitted: recipes are chosen on these numbers,
+  which reward reading a policy over remembering a company's;
 - `--curve-tickets` per held-out company, at that τ: the curve.
 
 The variant whose last adapter has the highest validation J then plays greedy episodes at its τ,
@@ -22,6 +23,9 @@ Variants (the training data differ only in the oracle's thought and the key orde
   terse         the oracle's old thoughts ("Policy says escalate: X.", "Look up the policy.")
   rationale     the thought names what the customer wants and the policy clause that decides it
   action-first  the rationale, after the action: {"action", "args", "thought", "message"}
+  *-redraw      the same, on the training companies under 5 draws of their policy numbers (seeds seed..seed+4,
+                environments.builtin.build_packs): the same refund window never decides every ticket of a company,
+                so a threshold learnt per company fails and reading the policy pays
 
 Prints a line per snapshot, writes bench/reports/<name>.md and <name>.png (held-out J at the
 validation τ against training minutes, one line per variant).
@@ -65,12 +69,15 @@ class Variant:
     rationale: bool = True
     action_first: bool = False
     lora: dict = dataclasses.field(default_factory=dict)  # LoraSettings overrides
+    redraws: int = 0  # training data from the training companies under this many more draws of their policy numbers
 
 
 VARIANTS = {
     "terse": Variant("terse", rationale=False),
     "rationale": Variant("rationale"),
     "action-first": Variant("action-first", action_first=True),
+    "rationale-redraw": Variant("rationale-redraw", redraws=4),
+    "action-first-redraw": Variant("action-first-redraw", action_first=True, redraws=4),
 }
 
 
@@ -121,6 +128,11 @@ class ActionFirstStudent:
         return self.student.escalation_probabilities([action_first_messages(p) for p in prompts])
 
 
+def training(seed: int) -> list[Pack]:
+    """The built-in training companies under the policy numbers drawn with `seed`."""
+    return [p for p in build_packs(seed) if p.company.split == "train"]
+
+
 def auroc(scored: list[tuple[float, bool]]) -> float:
     pos = [s for s, y in scored if y]
     neg = [s for s, y in scored if not y]
@@ -159,6 +171,7 @@ def main() -> None:
     parser.add_argument("--handwritten-tickets", type=int, default=30, help="tickets per hand-written pack, last snapshot")
     parser.add_argument("--max-steps", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--val-seed", type=int, default=1000, help="policy numbers of the validation companies (never trained on)")
     parser.add_argument("--name", default="learning", help="report name under bench/reports/")
     parser.add_argument("--keep", default="", help="folder to keep the adapters in (default: a new temporary folder)")
     args = parser.parse_args()
@@ -168,9 +181,10 @@ def main() -> None:
 
     packs = build_packs(args.seed)
     train_packs = [p for p in packs if p.company.split == "train"]
+    assert args.val_seed not in range(args.seed, args.seed + 1 + max(v.redraws for v in VARIANTS.values())), "validation numbers are trained on"
     heldout = [p for p in packs if p.company.split == "heldout"]
     handwritten = load_packs(HANDWRITTEN) if HANDWRITTEN.is_dir() else []
-    val_work = [(p, t) for p in train_packs for t in validation_tickets(p, args.val_tickets)]
+    val_work = [(p, t) for p in training(args.val_seed) for t in validation_tickets(p, args.val_tickets)]
     curve_work = [(p, t) for p in heldout for t in eval_tickets(p, args.curve_tickets)]
     model_dir = resolve_model("smollm2-135m")
     hf = HFStudent(model_dir, max_new_tokens=128, batch_size=8)
@@ -182,7 +196,8 @@ def main() -> None:
             variant = VARIANTS[variant_name]
             label = variant.name + (f" lr {lr}" if "," in args.lr else "")
             student = ActionFirstStudent(hf) if variant.action_first else hf
-            source = train_packs if variant.rationale else [without_rationales(p) for p in train_packs]
+            source = [p for s in range(args.seed, args.seed + 1 + variant.redraws) for p in training(s)]
+            source = source if variant.rationale else [without_rationales(p) for p in source]
             demos = run_episodes(OraclePolicy(), random.Random(args.seed).sample(training_pool(source), max(sizes)), progress=False)
             conversations = [training_messages(e) for e in demos if e.result().resolved]
             if variant.action_first:
@@ -228,7 +243,8 @@ def main() -> None:
         "",
         f"Real SmolLM2-135M, LoRA r 16 on all linear layers, batch {args.batch}, shared-prefix trainer, {torch.get_num_threads()} threads,",
         f"{os.cpu_count()} CPU cores. Whole run: {(time.perf_counter() - clock) / 60:.0f} min.",
-        f"Validation: {args.val_tickets} tickets of each of the {len(train_packs)} training companies, never trained on; τ is fitted there.",
+        f"Validation: {args.val_tickets} tickets of each of the {len(train_packs)} training companies under policy numbers drawn with seed "
+        f"{args.val_seed} (never trained on); τ is fitted there.",
         f"Held out: {', '.join(p.id for p in heldout)}. Hand-written (bench/packs, another author's style, never trained on): "
         f"{', '.join(p.id for p in handwritten) or 'none'}.",
         "",

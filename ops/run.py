@@ -21,7 +21,7 @@ def build_packs(cfg: Config) -> list[Pack]:
         return load_packs(cfg.packs)
     from environments.builtin import build_packs as generate
 
-    return generate(cfg.pack_seed)
+    return generate(cfg.pack_seed, redraws(cfg))
 
 
 def build_teacher(cfg: Config) -> Teacher:
@@ -39,6 +39,11 @@ def build_teacher(cfg: Config) -> Teacher:
                           budget_usd=cfg.teacher_budget_usd or None, redact=cfg.teacher_redact, redact_patterns=cfg.redact_patterns)
 
 
+def redraws(cfg: Config) -> int:
+    """Extra policy draws of each training company: built-in packs only (a folder of packs is taken as it is)."""
+    return 0 if cfg.packs else cfg.policy_redraws
+
+
 def round_settings(cfg: Config) -> RoundSettings:
     return RoundSettings(
         method=cfg.method, warm_start_tickets=cfg.warm_start_tickets, rollout_tickets=cfg.rollout_tickets,
@@ -46,7 +51,7 @@ def round_settings(cfg: Config) -> RoundSettings:
         eval_tickets=cfg.eval_tickets, max_steps=cfg.max_steps, min_valid_json=cfg.min_valid_json,
         max_regression=cfg.max_regression, auto_approve=cfg.auto_approve, collect_with=cfg.collect_with,
         selection=cfg.selection, selection_pool=cfg.selection_pool,
-        calibration_tickets=cfg.calibration_tickets, max_over_escalation=cfg.max_over_escalation, seed=cfg.seed,
+        calibration_tickets=max(1, cfg.calibration_tickets // (1 + redraws(cfg))), max_over_escalation=cfg.max_over_escalation, seed=cfg.seed,
     )
 
 

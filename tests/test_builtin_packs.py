@@ -15,7 +15,7 @@ from environments.actions import REASONS, RESOLUTIONS
 from environments.builtin import HELDOUT_IDS, NEED_LABELS, build_packs, write_packs
 from environments.builtin_domains import DOMAINS, GENERIC_UNCOVERED
 from environments.episode import SupportEpisode
-from environments.pack import NEED_PHRASES, check_pack, load_pack, need_phrases
+from environments.pack import NEED_PHRASES, check_pack, load_pack, need_phrases, save_pack
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,23 @@ def test_same_seed_same_packs_other_seed_differs(packs):
     assert [p.id for p in other] == [p.id for p in packs]
     assert [p.company.policy for p in other] != [p.company.policy for p in packs]
     assert [t.opening for t in other[0].tickets] != [t.opening for t in packs[0].tickets]
+
+
+def test_redraws_add_the_training_companies_under_other_policy_numbers(packs, tmp_path):
+    redrawn = build_packs(0, redraws=2)
+    base = {p.id: p for p in packs}
+    assert [_content(p) for p in redrawn if p.id in base] == [_content(p) for p in packs]  # the seed's packs, unchanged
+    extra = [p for p in redrawn if p.id not in base]
+    train = [p.id for p in packs if p.company.split == "train"]
+    assert sorted(p.id for p in extra) == sorted(f"{i}-r{k}" for i in train for k in (1, 2))  # held-out companies never redrawn
+    for p in extra:
+        original = base[p.id.rsplit("-r", 1)[0]]
+        assert p.company.split == "train" and p.company.domain == original.company.domain
+    moved = [p for p in extra if _number(r"within (\d+) days of purchase", p.company.policy)
+             != _number(r"within (\d+) days of purchase", base[p.id.rsplit("-r", 1)[0]].company.policy)]
+    assert len(moved) >= 0.8 * len(extra)  # a company's refund boundary mostly moves: remembering it fails
+    assert not check_pack(save_pack(extra[0], tmp_path / extra[0].id)), "a redrawn pack is a valid pack"
+    assert [_content(p) for p in build_packs(0, redraws=2)] == [_content(p) for p in redrawn]
 
 
 def test_twelve_companies_in_distinct_domains_with_two_heldout(packs):

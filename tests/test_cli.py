@@ -37,6 +37,7 @@ def test_apprentice_toml_documents_every_key():
     ({"epochs": "many"}, "epochs must be a float"),
     ({"keep_clean": "1.5"}, "keep_clean must lie in"),
     ({"auto_approve": "maybe"}, "auto_approve must be true or false"),
+    ({"policy_redraws": "-1"}, "policy_redraws must lie in"),
 ])
 def test_bad_config_is_a_clear_error(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -62,3 +63,16 @@ def test_eval_json_keys(tmp_path):
 
     store = Store.open(tmp_path / "e.db")
     assert store.count("episodes") == 7 and store.count("steps") > 7
+
+
+def test_policy_redraws_apply_to_the_built_in_packs_only(tmp_path):
+    from environments.builtin import build_packs as generate
+    from ops.run import build_packs, round_settings
+
+    cfg = load_config(None, {"policy_redraws": "2"})
+    packs = build_packs(cfg)
+    assert sorted(p.id for p in packs) == sorted(p.id for p in generate(0, redraws=2))
+    assert len([p for p in packs if p.company.split == "train"]) == 3 * 10
+    assert round_settings(cfg).calibration_tickets == 10 // 3  # the validation tickets are spread over the draws
+    own = load_config(None, {"policy_redraws": "2", "packs": str(Path(__file__).parent / "data")})
+    assert all("-r" not in p.id for p in build_packs(own)) and round_settings(own).calibration_tickets == 10
