@@ -265,7 +265,8 @@ def run(workdir: Path, *, kills: int = 20, seed: int = 0, model_dir: Path | None
     oracle = LoopbackOracle(build_packs(0), delay_s=0.1, seed=seed)
     report = ChaosReport()
     with OpenAIStub(responder=oracle) as stub:
-        settings = {"model": model_dir, "adapters_dir": workdir / "adapters", "inbox": inbox, "inbox_every_seconds": 2,
+        # one policy draw: the loopback oracle finds a prompt's pack by its policy text
+        settings = {"model": model_dir, "adapters_dir": workdir / "adapters", "policy_redraws": 0, "inbox": inbox, "inbox_every_seconds": 2,
                     "warm_start_tickets": 6, "rollout_tickets": 4, "eval_tickets": 6, "calibration_tickets": 1, "max_new_tokens": 48,
                     "max_steps": 6, "epochs": 1, "retrain_min_examples": 8, "retrain_every_minutes": 2.0, "seed": seed,
                     "teacher": "openai/gpt-4o-mini", "teacher_api_base": stub.base_url, "teacher_api_key_env": "LOOPBACK_TEACHER_KEY",

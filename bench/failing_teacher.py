@@ -63,7 +63,8 @@ def run(workdir: Path, *, fail_rate: float = 0.3, warm: int = 40, rollout: int =
     oracle = LoopbackOracle(build_packs(0), fail_rate=fail_rate, timeout_s=TIMEOUT_S, seed=seed)
     db = workdir / "failing.db"
     with OpenAIStub(responder=oracle) as stub:
-        settings = {"model": model_dir, "adapters_dir": workdir / "adapters", "warm_start_tickets": warm, "rollout_tickets": rollout,
+        # one policy draw: the loopback oracle finds a prompt's pack by its policy text
+        settings = {"model": model_dir, "adapters_dir": workdir / "adapters", "policy_redraws": 0, "warm_start_tickets": warm, "rollout_tickets": rollout,
                     "eval_tickets": eval_tickets, "calibration_tickets": 1, "max_new_tokens": 24, "epochs": 1, "seed": seed,
                     "teacher": "openai/gpt-4o-mini", "teacher_api_base": stub.base_url, "teacher_api_key_env": "LOOPBACK_TEACHER_KEY",
                     "teacher_redact": "false", "teacher_timeout_s": TIMEOUT_S, "teacher_budget_usd": budget}
