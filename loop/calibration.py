@@ -105,7 +105,9 @@ def fit_operating_point(student: ScoringStudent, packs: Sequence[Pack], *, max_o
     work = [(p, t) for p in packs for t in validation_tickets(p, per_company)]  # a held-out pack raises: it is never used
     scored = ticket_scores(student, work, progress=progress)
     tau, recall, over = fit_threshold(scored, max_over_escalation=max_over_escalation)
-    return OperatingPoint(round(tau, 4), recall, over, recall - over, len(scored), max_over_escalation)
+    # τ exactly as fitted: it lies between two observed scores that may differ in the 6th decimal, so
+    # rounding it could move it past one of them (a τ rounded to 0 escalates everything).
+    return OperatingPoint(tau, recall, over, recall - over, len(scored), max_over_escalation)
 
 
 def save_operating_point(point: OperatingPoint, adapter_dir: str | Path) -> Path:
@@ -136,9 +138,9 @@ def plot_calibration(outcomes: Sequence[TicketOutcome], tau: float | None, path:
         fpr = [(p[y == 0] >= t).mean() if (y == 0).any() else np.nan for t in thresholds]
         roc.plot(fpr, tpr, color="C0")
         if tau is not None:
-            rel.axvline(tau, color="C3", lw=1, label=f"τ = {tau:.2f}")
+            rel.axvline(tau, color="C3", lw=1, label=f"τ = {tau:.2g}")
             at_tau = ((p[y == 0] >= tau).mean() if (y == 0).any() else np.nan, (p[y == 1] >= tau).mean() if (y == 1).any() else np.nan)
-            roc.plot(*at_tau, "o", color="C3", label=f"τ = {tau:.2f}")
+            roc.plot(*at_tau, "o", color="C3", label=f"τ = {tau:.2g}")
             rel.legend(loc="upper left")
             roc.legend(loc="lower right")
     rel.set(xlim=(0, 1), ylim=(0, 1), xlabel="p(escalate), mean per bin", ylabel="escalating was right, share",

@@ -267,7 +267,7 @@ def _print_summary(store, summaries) -> None:
         d = m.get("delta_calibration_j", [None, None, None])
         table.add_row(str(s.round), s.collector, str(s.examples_added), str(u.calls), str(u.prompt_tokens + u.completion_tokens),
                       f"{s.train_loss:.3f}" if s.train_loss is not None else "-", s.version or "-",
-                      f"{s.tau:.2f}" if s.tau is not None else "-",
+                      f"{s.tau:.2g}" if s.tau is not None else "-",
                       _ci(m, "escalation_recall"), _ci(m, "over_escalation_rate"), _ci(m, "calibration_j"), _ci(m, "valid_json_rate"),
                       _ci(m, "escalation_auroc"),
                       f"{m.get('delta_vs')}: {d[0]:+.2f} [{d[1]:+.2f},{d[2]:+.2f}]" if d[0] is not None else "-", s.gate)

@@ -18,7 +18,9 @@ when the thought comes first), the probability of the token that begins `escalat
 over the first tokens of the six action names. `EscalationGate` reads it during generation, at no
 extra cost. An adapter may carry an **operating point** τ (`operating_point.json`, fitted by
 loop/calibration.py): the student then escalates exactly when p(escalate) ≥ τ, and otherwise takes
-its best other action; the reason code stays its own argmax.
+its best other action. The reason code is its own choice among the protocol's codes: the gate
+allows only tokens that continue one of them (an escalation forced by τ after a thought that
+argued otherwise would else name a reason that does not exist).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from environments.actions import ACTIONS
+from environments.actions import ACTIONS, REASONS
 from policies.student import Generation, Message, operating_point
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -113,6 +115,7 @@ class HFStudent:
         self.adapter_id: str | None = None
         self._brace_token_ids: torch.Tensor | None = None  # built on first json_mode use
         self._action_ids = action_first_token_ids(self.tokenizer)
+        self._reason_ids = reason_token_ids(self.tokenizer)
         torch.manual_seed(seed)
         if adapter is not None:
             self.load_adapter(adapter)
@@ -160,7 +163,7 @@ class HFStudent:
     @property
     def name(self) -> str:
         """How reports name this student: `student`, or `student@τ=0.31` when τ decides."""
-        return "student" if self.threshold is None else f"student@τ={self.threshold:.2f}"
+        return "student" if self.threshold is None else f"student@τ={self.threshold:.2g}"
 
     def escalation_probabilities(self, prompts: list[list[Message]]) -> list[float | None]:
         """p(escalate) at each prompt's state, without τ: generation stops once every row has
@@ -208,7 +211,7 @@ class HFStudent:
             batch["cache"] = cache
         prompt_len = batch["input_ids"].shape[1]  # cached prefix included: generate returns whole rows
         sampling = {"do_sample": True, "temperature": self.temperature} if self.temperature > 0 else {"do_sample": False}
-        gate = EscalationGate(self.tokenizer, self._action_ids, prompt_len, self.threshold, B)
+        gate = EscalationGate(self.tokenizer, self._action_ids, prompt_len, self.threshold, B, self._reason_ids)
         processors, stops = LogitsProcessorList([gate]), StoppingCriteriaList()
         if self.json_mode:
             processors.append(_StartWithBrace(self._brace_ids(), prompt_len))
@@ -296,21 +299,38 @@ def action_first_token_ids(tokenizer) -> torch.Tensor:
 
 ESCALATE = ACTIONS.index("escalate")
 _ACTION_FIELD = ('"action":"', '"action": "')
+_REASON_FIELD = ('"reason":"', '"reason": "')
+
+
+def reason_token_ids(tokenizer) -> list[list[int]]:
+    """Each reason code's tokens as they follow `"reason":"` (in `REASONS` order)."""
+    lead = tokenizer.encode('"reason":"', add_special_tokens=False)
+    return [tokenizer.encode('"reason":"' + code, add_special_tokens=False)[len(lead):] for code in REASONS]
 
 
 class EscalationGate(LogitsProcessor):
-    """At the first token of each row's action name: records p(escalate) (see the module docstring)
-    and, with a threshold τ, allows only `escalate` when p ≥ τ and anything but `escalate` otherwise."""
+    """The escalation decision while the student decodes. At the first token of each row's action
+    name: records p(escalate) (see the module docstring) and, with a threshold τ, allows only
+    `escalate` when p ≥ τ and anything but `escalate` otherwise. Inside a `"reason"` value: allows
+    only tokens that continue one of the reason codes, so an escalation (τ's above all, which may
+    overrule the thought written before it) names a reason the protocol knows."""
 
-    def __init__(self, tokenizer, action_ids: torch.Tensor, prompt_len: int, threshold: float | None, rows: int):
+    def __init__(self, tokenizer, action_ids: torch.Tensor, prompt_len: int, threshold: float | None, rows: int,
+                 reason_ids: list[list[int]] | None = None):
         self.tokenizer, self.action_ids, self.prompt_len, self.threshold = tokenizer, action_ids, prompt_len, threshold
+        self.reason_ids = reason_ids if reason_ids is not None else reason_token_ids(tokenizer)
         self.p_escalate: list[float | None] = [None] * rows
+        self.reason_start: dict[int, int] = {}  # row -> position where its open reason value began
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if input_ids.shape[1] - self.prompt_len < 2:
             return scores
-        tails = self.tokenizer.batch_decode(input_ids[:, -3:])
+        tails = self.tokenizer.batch_decode(input_ids[:, -4:])  # `"reason": "` is 4 tokens
         for row, tail in enumerate(tails):
+            if row not in self.reason_start and tail.endswith(_REASON_FIELD):
+                self.reason_start[row] = input_ids.shape[1]
+            if row in self.reason_start:
+                self._continue_a_reason(row, input_ids[row, self.reason_start[row]:].tolist(), scores)
             if self.p_escalate[row] is not None or not tail.endswith(_ACTION_FIELD):
                 continue
             ids = self.action_ids.to(scores.device)
@@ -325,6 +345,16 @@ class EscalationGate(LogitsProcessor):
                 else:
                     scores[row, escalate] = float("-inf")
         return scores
+
+    def _continue_a_reason(self, row: int, written: list[int], scores: torch.FloatTensor) -> None:
+        k = len(written)
+        allowed = sorted({code[k] for code in self.reason_ids if len(code) > k and code[:k] == written})
+        if not allowed:  # a whole code is written: the row goes on freely (closing quote)
+            del self.reason_start[row]
+            return
+        kept = scores[row, allowed].clone()
+        scores[row] = float("-inf")
+        scores[row, allowed] = kept
 
     @property
     def decided(self) -> bool:

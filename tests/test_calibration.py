@@ -79,6 +79,28 @@ def test_the_gate_ignores_positions_before_the_action_field(smollm2_tokenizer):
     assert torch.equal(gate(ids, scores.clone()), scores) and gate.p_escalate == [None]
 
 
+@pytest.mark.parametrize("field", ['"reason":"', '"reason": "'])
+def test_the_gate_keeps_an_escalation_reason_to_the_known_codes(smollm2_tokenizer, field):
+    """Greedy decoding through the gate, from logits that favour a code that does not exist ("escalate",
+    what a student forced to escalate after arguing otherwise wrote), spells a real code, then is free."""
+    from environments.actions import REASONS
+    from policies.hf import reason_token_ids
+
+    tok = smollm2_tokenizer
+    ids = tok.encode('{"thought":"x","action":"escalate","args":{' + field, add_special_tokens=False)
+    gate = EscalationGate(tok, action_first_token_ids(tok), 0, None, rows=1)
+    wanted = tok.encode("escalate", add_special_tokens=False) + tok.encode('"}', add_special_tokens=False)
+    churn = reason_token_ids(tok)[REASONS.index("churn_risk")]
+    for step in range(len(churn) + 1):
+        scores = torch.zeros(1, len(tok))
+        scores[0, wanted[min(step, len(wanted) - 1)]] = 9.0  # the off-protocol continuation
+        scores[0, churn[min(step, len(churn) - 1)]] += 1.0  # the model's best real code
+        ids.append(int(gate(torch.tensor([ids]), scores)[0].argmax()))
+    value = tok.decode(ids).split(field, 1)[1]
+    assert value.startswith("churn_risk") and value != "churn_risk"  # the code, then a free token
+    assert gate.reason_start == {}
+
+
 class OpeningScorer:
     """A student whose p(escalate) is 0.9 on every state of a ticket that should escalate and 0.1
     elsewhere (a perfect ticket-level ranker); it keeps the openings it was asked about."""
