@@ -11,7 +11,9 @@ states of (loop/calibration.py, cheap: no episode is played):
 
 - the validation split of the training companies under policy numbers drawn with `--val-seed`, never
   trained on (`--val-tickets` per company), where its τ is fitted: recipes are chosen on these numbers,
-  which reward reading a policy over remembering a company's;
+  which reward reading a policy over remembering a company's; with `--val-domains N`, N whole training
+  companies instead, left out of training (the same number of validation tickets in all): a new domain,
+  as the held-out pair is;
 - `--curve-tickets` per held-out company, at that τ: the curve.
 
 The variant whose last adapter has the highest validation J then plays greedy episodes at its τ,
@@ -172,6 +174,8 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--val-seed", type=int, default=1000, help="policy numbers of the validation companies (never trained on)")
+    parser.add_argument("--val-domains", type=int, default=0,
+                        help="validate on this many whole training companies, left out of training (0: every company, on --val-seed numbers)")
     parser.add_argument("--name", default="learning", help="report name under bench/reports/")
     parser.add_argument("--keep", default="", help="folder to keep the adapters in (default: a new temporary folder)")
     args = parser.parse_args()
@@ -184,7 +188,13 @@ def main() -> None:
     assert args.val_seed not in range(args.seed, args.seed + 1 + max(v.redraws for v in VARIANTS.values())), "validation numbers are trained on"
     heldout = [p for p in packs if p.company.split == "heldout"]
     handwritten = load_packs(HANDWRITTEN) if HANDWRITTEN.is_dir() else []
-    val_work = [(p, t) for p in training(args.val_seed) for t in validation_tickets(p, args.val_tickets)]
+    if args.val_domains:  # whole companies, never trained on: any of their tickets may validate
+        left_out = set(random.Random(args.seed).sample(sorted(p.id for p in train_packs), args.val_domains))
+        per_company = args.val_tickets * len(train_packs) // args.val_domains
+        val_work = [(p, t) for p in training(args.val_seed) if p.id in left_out for t in eval_tickets(p, per_company)]
+    else:
+        left_out = set()
+        val_work = [(p, t) for p in training(args.val_seed) for t in validation_tickets(p, args.val_tickets)]
     curve_work = [(p, t) for p in heldout for t in eval_tickets(p, args.curve_tickets)]
     model_dir = resolve_model("smollm2-135m")
     hf = HFStudent(model_dir, max_new_tokens=128, batch_size=8)
@@ -196,7 +206,7 @@ def main() -> None:
             variant = VARIANTS[variant_name]
             label = variant.name + (f" lr {lr}" if "," in args.lr else "")
             student = ActionFirstStudent(hf) if variant.action_first else hf
-            source = [p for s in range(args.seed, args.seed + 1 + variant.redraws) for p in training(s)]
+            source = [p for s in range(args.seed, args.seed + 1 + variant.redraws) for p in training(s) if p.id not in left_out]
             source = source if variant.rationale else [without_rationales(p) for p in source]
             demos = run_episodes(OraclePolicy(), random.Random(args.seed).sample(training_pool(source), max(sizes)), progress=False)
             conversations = [training_messages(e) for e in demos if e.result().resolved]
@@ -243,8 +253,10 @@ def main() -> None:
         "",
         f"Real SmolLM2-135M, LoRA r 16 on all linear layers, batch {args.batch}, shared-prefix trainer, {torch.get_num_threads()} threads,",
         f"{os.cpu_count()} CPU cores. Whole run: {(time.perf_counter() - clock) / 60:.0f} min.",
-        f"Validation: {args.val_tickets} tickets of each of the {len(train_packs)} training companies under policy numbers drawn with seed "
-        f"{args.val_seed} (never trained on); τ is fitted there.",
+        (f"Validation: {len(val_work)} tickets of {', '.join(sorted(left_out))}, training companies left out of training "
+         f"(under policy numbers drawn with seed {args.val_seed}); τ is fitted there." if left_out else
+         f"Validation: {args.val_tickets} tickets of each of the {len(train_packs)} training companies under policy numbers drawn with seed "
+         f"{args.val_seed} (never trained on); τ is fitted there."),
         f"Held out: {', '.join(p.id for p in heldout)}. Hand-written (bench/packs, another author's style, never trained on): "
         f"{', '.join(p.id for p in handwritten) or 'none'}.",
         "",
