@@ -229,7 +229,7 @@ def main() -> None:
                 row = (label, meta["conversations"], meta["seconds"] / 60, tau, auroc(val), at(val, tau), auroc(held), at(held, tau))
                 snapshot_rows.append(row)
                 curves.setdefault(label, []).append((row[2], row[7]))
-                print(f"{label} @{row[1]}: {row[2]:.1f} train min, τ {tau:.2f}, val AUROC {row[4]:.2f} J {row[5]:.2f}, "
+                print(f"{label} @{row[1]}: {row[2]:.1f} train min, τ {tau:.2g}, val AUROC {row[4]:.2f} J {row[5]:.2f}, "
                       f"held-out AUROC {row[6]:.2f} J@τ {row[7]:.2f} ({time.perf_counter() - clock:.0f} s)", flush=True)
             save_operating_point(OperatingPoint(tau, 0, 0, 0, len(val), None), out)  # the last adapter's τ
             trained.append((label, variant, out, round(len(conversations) * args.epochs), result, (time.perf_counter() - started) / 60,
@@ -269,7 +269,7 @@ def main() -> None:
         "| variant | conversations | train min | τ | validation AUROC | validation J at τ | held-out AUROC | held-out J at τ |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    lines += [f"| {r[0]} | {r[1]} | {r[2]:.1f} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:.2f} | {r[6]:.2f} | {r[7]:.2f} |" for r in snapshot_rows]
+    lines += [f"| {r[0]} | {r[1]} | {r[2]:.1f} | {r[3]:.2g} | {r[4]:.2f} | {r[5]:.2f} | {r[6]:.2f} | {r[7]:.2f} |" for r in snapshot_rows]
     lines += [
         "",
         "## Every variant: its last adapter",
