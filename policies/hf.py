@@ -288,10 +288,15 @@ def json_object_end(text: str) -> int | None:
     return None
 
 
+def _continuations(tokenizer, lead: str, words) -> list[list[int]]:
+    """Each word's tokens as they follow `lead` in the model's output."""
+    n = len(tokenizer.encode(lead, add_special_tokens=False))
+    return [tokenizer.encode(lead + word, add_special_tokens=False)[n:] for word in words]
+
+
 def action_first_token_ids(tokenizer) -> torch.Tensor:
     """The first token of each action name as it follows `"action":"` (in `ACTIONS` order)."""
-    lead = tokenizer.encode('{"action":"', add_special_tokens=False)
-    ids = [tokenizer.encode('{"action":"' + name, add_special_tokens=False)[len(lead)] for name in ACTIONS]
+    ids = [tokens[0] for tokens in _continuations(tokenizer, '{"action":"', ACTIONS)]
     if len(set(ids)) != len(ids):
         raise ValueError("this tokenizer does not start every action name with its own token; p(escalate) is undefined")
     return torch.tensor(ids)
@@ -304,8 +309,7 @@ _REASON_FIELD = ('"reason":"', '"reason": "')
 
 def reason_token_ids(tokenizer) -> list[list[int]]:
     """Each reason code's tokens as they follow `"reason":"` (in `REASONS` order)."""
-    lead = tokenizer.encode('"reason":"', add_special_tokens=False)
-    return [tokenizer.encode('"reason":"' + code, add_special_tokens=False)[len(lead):] for code in REASONS]
+    return _continuations(tokenizer, '"reason":"', REASONS)
 
 
 class EscalationGate(LogitsProcessor):
