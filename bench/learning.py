@@ -22,9 +22,10 @@ hand-written packs in bench/packs (written by hand, in another style; never trai
 reported numbers. Validation chooses; the held-out companies only report.
 
 Variants (the training data differ only in the oracle's thought and the key order):
-  terse         the oracle's old thoughts ("Policy says escalate: X.", "Look up the policy.")
-  rationale     the thought names what the customer wants and the policy clause that decides it
-  action-first  the rationale, after the action: {"action", "args", "thought", "message"}
+  terse         the oracle's old thoughts ("Policy says escalate: X.", "Look up the policy."), written first
+  rationale     the thought names what the customer wants and the policy clause that decides it, written
+                first: {"thought", "action", "args", "message"}
+  action-first  the rationale, after the action: {"action", "args", "thought", "message"} (apprentice's order)
   *-redraw      the same, on the training companies under 5 draws of their policy numbers (seeds seed..seed+4,
                 environments.builtin.build_packs): the same refund window never decides every ticket of a company,
                 so a threshold learnt per company fails and reading the policy pays
@@ -47,6 +48,7 @@ from pathlib import Path
 
 import torch
 
+from environments.actions import Action
 from environments.builtin import build_packs
 from environments.pack import Pack, load_packs
 from loop.calibration import OperatingPoint, fit_threshold, save_operating_point, ticket_scores
@@ -58,18 +60,20 @@ from loop.train import LoraSettings, train_adapter
 from policies.hf import HFStudent
 from policies.models import resolve_model
 from policies.policy import OraclePolicy, StudentPolicy
+from policies.protocol import ACTION_CONTRACT
 from report import publish  # bench/report.py: the script's folder is on sys.path
 
 HANDWRITTEN = Path(__file__).parent / "packs"
-THOUGHT_FIRST = '{"thought": "...", "action": "...", "args": {...}, "message": "..."}'
-ACTION_FIRST = '{"action": "...", "args": {...}, "thought": "...", "message": "..."}'
+THOUGHT_FIRST = ("thought", "action", "args", "message")
+ACTION_FIRST = ("action", "args", "thought", "message")
+PRODUCT = tuple(Action.model_fields)  # the key order apprentice writes (environments/actions.py)
 
 
 @dataclass(frozen=True)
 class Variant:
     name: str
     rationale: bool = True
-    action_first: bool = False
+    keys: tuple[str, ...] = THOUGHT_FIRST  # the key order of every step the student reads and writes
     lora: dict = dataclasses.field(default_factory=dict)  # LoraSettings overrides
     redraws: int = 0  # training data from the training companies under this many more draws of their policy numbers
 
@@ -77,9 +81,9 @@ class Variant:
 VARIANTS = {
     "terse": Variant("terse", rationale=False),
     "rationale": Variant("rationale"),
-    "action-first": Variant("action-first", action_first=True),
+    "action-first": Variant("action-first", keys=ACTION_FIRST),
     "rationale-redraw": Variant("rationale-redraw", redraws=4),
-    "action-first-redraw": Variant("action-first-redraw", action_first=True, redraws=4),
+    "action-first-redraw": Variant("action-first-redraw", keys=ACTION_FIRST, redraws=4),
 }
 
 
@@ -93,41 +97,53 @@ def without_rationales(pack: Pack) -> Pack:
     return dataclasses.replace(pack, tickets=tuple(strip(t) for t in pack.tickets))
 
 
-def reorder(text: str) -> str:
-    """An action's JSON with `action` and `args` before `thought` (anything unparsable unchanged)."""
+def contract_example(keys: tuple[str, ...]) -> str:
+    """The one-line example of a step that the action contract shows, in this key order."""
+    return "{" + ", ".join(f'"{k}": {{...}}' if k == "args" else f'"{k}": "..."' for k in keys) + "}"
+
+
+assert contract_example(PRODUCT) in ACTION_CONTRACT, "the contract's example moved: update contract_example"
+
+
+def reorder(text: str, keys: tuple[str, ...]) -> str:
+    """An action's JSON with its keys in this order (anything unparsable unchanged)."""
     try:
         obj = json.loads(text)
     except json.JSONDecodeError:
         return text
     if not isinstance(obj, dict) or "action" not in obj:
         return text
-    first = {k: obj[k] for k in ("action", "args", "thought", "message") if k in obj}
+    first = {k: obj[k] for k in keys if k in obj}
     return json.dumps({**first, **obj}, separators=(",", ":"), ensure_ascii=False)
 
 
-def action_first_messages(messages: list[dict[str, str]]) -> list[dict[str, str]]:
-    """A conversation as an action-first student sees it: the contract's example and every assistant step reordered."""
+def in_order(messages: list[dict[str, str]], keys: tuple[str, ...]) -> list[dict[str, str]]:
+    """A conversation as a student of this key order sees it: the contract's example and every assistant step reordered."""
     out = []
     for m in messages:
         if m["role"] == "assistant":
-            m = {**m, "content": reorder(m["content"])}
+            m = {**m, "content": reorder(m["content"], keys)}
         elif m["role"] == "system":
-            m = {**m, "content": m["content"].replace(THOUGHT_FIRST, ACTION_FIRST)}
+            m = {**m, "content": m["content"].replace(contract_example(PRODUCT), contract_example(keys))}
         out.append(m)
     return out
 
 
-class ActionFirstStudent:
-    """The student, prompted with its earlier steps (and the contract's example) in action-first order."""
+class Reordered:
+    """The student, prompted with its earlier steps (and the contract's example) in another key order."""
 
-    def __init__(self, student: HFStudent):
-        self.student = student
+    def __init__(self, student: HFStudent, keys: tuple[str, ...]):
+        self.student, self.keys = student, keys
 
     def generate_with_info(self, prompts):
-        return self.student.generate_with_info([action_first_messages(p) for p in prompts])
+        return self.student.generate_with_info([in_order(p, self.keys) for p in prompts])
 
     def escalation_probabilities(self, prompts):
-        return self.student.escalation_probabilities([action_first_messages(p) for p in prompts])
+        return self.student.escalation_probabilities([in_order(p, self.keys) for p in prompts])
+
+
+def as_variant(student: HFStudent, variant: Variant):
+    return student if variant.keys == PRODUCT else Reordered(student, variant.keys)
 
 
 def training(seed: int) -> list[Pack]:
@@ -205,13 +221,13 @@ def main() -> None:
         for lr in args.lr.split(","):
             variant = VARIANTS[variant_name]
             label = variant.name + (f" lr {lr}" if "," in args.lr else "")
-            student = ActionFirstStudent(hf) if variant.action_first else hf
+            student = as_variant(hf, variant)
             source = [p for s in range(args.seed, args.seed + 1 + variant.redraws) for p in training(s) if p.id not in left_out]
             source = source if variant.rationale else [without_rationales(p) for p in source]
             demos = run_episodes(OraclePolicy(), random.Random(args.seed).sample(training_pool(source), max(sizes)), progress=False)
             conversations = [training_messages(e) for e in demos if e.result().resolved]
-            if variant.action_first:
-                conversations = [action_first_messages(c) for c in conversations]
+            if variant.keys != PRODUCT:
+                conversations = [in_order(c, variant.keys) for c in conversations]
             conversations = oversample_escalations(conversations, args.escalation_share, seed=args.seed)
             settings = LoraSettings(epochs=args.epochs, batch_size=args.batch, learning_rate=float(lr), seed=args.seed,
                                     decision_weight=args.decision_weight, **variant.lora)
@@ -239,7 +255,7 @@ def main() -> None:
     # its τ on the held-out pair and the hand-written packs: the reported numbers.
     label, variant, out, n_conv, result, wall, _ = chosen = max(trained, key=lambda t: t[6])
     hf.load_adapter(out)
-    student = ActionFirstStudent(hf) if variant.action_first else hf
+    student = as_variant(hf, variant)
     held = greedy(student, [(p, t) for p in heldout for t in eval_tickets(p, args.heldout_tickets)], args.max_steps)
     hand = greedy(student, [(p, t) for p in handwritten for t in eval_tickets(p, args.handwritten_tickets)], args.max_steps) \
         if handwritten else None

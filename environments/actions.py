@@ -48,9 +48,11 @@ class Action(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    thought: str = Field(default="", description="Short private reasoning.")
+    # Serialized in this order: the decision first, then the rationale that backs it (measured
+    # against rationale-first by bench/learning.py; parsing accepts any order).
     action: ActionName
     args: dict[str, Any] = Field(default_factory=dict)
+    thought: str = Field(default="", description="Short private reasoning.")
     message: str = Field(default="", description="Text for the customer, or empty.")
 
     @model_validator(mode="after")

@@ -314,7 +314,7 @@ class SupportEpisode:
     def reference_action(self) -> Action:
         """An acceptable action for the current state, with a grounded message.
 
-        Its thought is written before the action: at a turn's first step, the turn's `rationale`
+        Its thought backs the action: at a turn's first step, the turn's `rationale`
         (what the customer wants and the policy clause that decides it) when the pack gives one;
         later steps say what the step is for."""
         state, truth = self._turn, self._turn.truth

@@ -3,7 +3,7 @@
 A rollout of a ticket the student already gets right pays the teacher to judge a trajectory that
 needed no repair. `select_tickets` draws a candidate pool larger than the collection needs, scores
 each candidate by the collector's p(escalate) at the ticket's opening (what the calibration issue
-defined: read at the action field, after its own thought), and picks by `rule`:
+defined: read at the action field), and picks by `rule`:
 
 - "uniform": a random sample of the pool, nothing scored (the behaviour before selection existed);
 - "uncertainty": the candidates whose p(escalate) lies closest to the collector's operating point

@@ -52,8 +52,8 @@ PROBE_FILE = "probe.json"
 # Fixed texts whose log-probs identify an adapter: a worker that swapped adapters checks that it
 # computes the same values the trainer saved (a stale adapter gives different ones).
 PROBE_TEXTS = (
-    '{"thought": "Check the KB first.", "action": "search_kb", "args": {"query": "refund policy"}, "message": ""}',
-    '{"thought": "Policy says escalate.", "action": "escalate", "args": {"reason": "billing_exception"}, "message": "A colleague will help."}',
+    '{"action": "search_kb", "args": {"query": "refund policy"}, "thought": "Check the KB first.", "message": ""}',
+    '{"action": "escalate", "args": {"reason": "billing_exception"}, "thought": "Policy says escalate.", "message": "A colleague will help."}',
 )
 MIN_SHARED_PREFIX = 32  # shorter common prefixes are not worth a separate forward pass
 LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -13,14 +13,14 @@ is most of the cost. Each row is then `[prefix][left pads][suffix]`; `generate` 
 prefix and numbers positions from the attention mask, so the suffix continues right after it.
 
 **p(escalate)** at a decision state is the student's own probability of choosing `escalate` as its
-next action: at the first token of the value of its step's `"action"` field (after its thought,
-when the thought comes first), the probability of the token that begins `escalate`, renormalised
+next action: at the first token of the value of its step's `"action"` field (the step's first
+field in the protocol's order, so it costs a few generated tokens), the probability of the token that begins `escalate`, renormalised
 over the first tokens of the six action names. `EscalationGate` reads it during generation, at no
 extra cost. An adapter may carry an **operating point** τ (`operating_point.json`, fitted by
 loop/calibration.py): the student then escalates exactly when p(escalate) ≥ τ, and otherwise takes
 its best other action. The reason code is its own choice among the protocol's codes: the gate
-allows only tokens that continue one of them (an escalation forced by τ after a thought that
-argued otherwise would else name a reason that does not exist).
+allows only tokens that continue one of them (an escalation forced by τ against the student's
+own preference would else name a reason that does not exist).
 """
 
 from __future__ import annotations
@@ -317,7 +317,7 @@ class EscalationGate(LogitsProcessor):
     name: records p(escalate) (see the module docstring) and, with a threshold τ, allows only
     `escalate` when p ≥ τ and anything but `escalate` otherwise. Inside a `"reason"` value: allows
     only tokens that continue one of the reason codes, so an escalation (τ's above all, which may
-    overrule the thought written before it) names a reason the protocol knows."""
+    overrule the student's own choice) names a reason the protocol knows."""
 
     def __init__(self, tokenizer, action_ids: torch.Tensor, prompt_len: int, threshold: float | None, rows: int,
                  reason_ids: list[list[int]] | None = None):

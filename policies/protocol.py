@@ -17,7 +17,7 @@ from environments.pack import Company
 
 ACTION_CONTRACT = (
     "Answer with ONE JSON object and nothing else: "
-    '{"thought": "...", "action": "...", "args": {...}, "message": "..."}\n'
+    '{"action": "...", "args": {...}, "thought": "...", "message": "..."}\n'
     "Actions:\n"
     '- search_kb, args {"query": "..."}: search the knowledge base; message "".\n'
     "- clarify, args {}: message asks the customer for a missing detail.\n"
@@ -29,11 +29,11 @@ ACTION_CONTRACT = (
 )
 
 
-# What a teacher's `thought` should be: a short rationale written before the action, the shape the
-# oracle writes and the student learns to decide with.
+# What a teacher's `thought` should be: a short rationale written after the action it backs, the
+# shape the oracle writes and the student learns from.
 THOUGHT_GUIDE = (
-    'The "thought" is one short sentence written before the action: what the customer wants and the policy '
-    'clause that decides it, e.g. "Refund 45 days after purchase; policy: later than 35 days, escalate billing_exception."'
+    'The "thought" is one short sentence written after the action and its args: what the customer wants and the '
+    'policy clause that decides it, e.g. "Refund 45 days after purchase; policy: later than 35 days, escalate billing_exception."'
 )
 
 

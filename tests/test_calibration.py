@@ -56,10 +56,11 @@ def gate_scores(tokenizer, p_escalate: float) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("p, tau, chosen", [(0.31, 0.30, "escalate"), (0.29, 0.30, "other"), (0.95, None, "escalate"), (0.05, None, "other")])
-def test_the_gate_reads_p_escalate_at_the_action_field_and_applies_tau(smollm2_tokenizer, p, tau, chosen):
+@pytest.mark.parametrize("written", ['{"action":"', '{"thought":"Refund 45 days after purchase.","action":"'])
+def test_the_gate_reads_p_escalate_at_the_action_field_and_applies_tau(smollm2_tokenizer, p, tau, chosen, written):
     tok = smollm2_tokenizer
     prompt = tok.encode("<|im_start|>assistant\n", add_special_tokens=False)
-    generated = tok.encode('{"thought":"Refund 45 days after purchase.","action":"', add_special_tokens=False)
+    generated = tok.encode(written, add_special_tokens=False)
     ids = torch.tensor([prompt + generated])
     gate = EscalationGate(tok, action_first_token_ids(tok), len(prompt), tau, rows=1)
     out = gate(ids, gate_scores(tok, p))

@@ -1,5 +1,7 @@
 """The episode, its checker and the oracle on a small hand-written pack."""
 
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -7,6 +9,7 @@ import pytest
 from environments.actions import Action
 from environments.episode import SupportEpisode, normalize
 from environments.pack import load_pack
+from policies.protocol import ACTION_CONTRACT
 
 PACK = load_pack(Path(__file__).parent / "data" / "acme")
 
@@ -153,3 +156,14 @@ def test_replay_rebuilds_the_state():
 
 def test_normalize_numbers():
     assert normalize("Costs $1,000.00 within  30 Days") == "costs $1000 within 30 days"
+
+
+def test_a_step_is_written_decision_first_as_the_contract_shows():
+    """The oracle's and the teacher's steps (and so the student's training targets) put the action
+    before the thought, in the key order the contract's example shows the student."""
+    step = Action(thought="Refund 45 days after purchase.", action="escalate", args={"reason": "billing_exception"},
+                  message="A colleague will help.")
+    keys = list(json.loads(step.to_json()))
+    assert keys == ["action", "args", "thought", "message"]
+    example = re.search(r'\{"[^\n]*\}', ACTION_CONTRACT).group()
+    assert re.findall(r'"(\w+)":', example) == keys
