@@ -60,7 +60,7 @@ from loop.train import LoraSettings, train_adapter
 from policies.hf import HFStudent
 from policies.models import resolve_model
 from policies.policy import OraclePolicy, StudentPolicy
-from policies.protocol import ACTION_CONTRACT
+from policies.protocol import step_example
 from report import publish  # bench/report.py: the script's folder is on sys.path
 
 HANDWRITTEN = Path(__file__).parent / "packs"
@@ -97,14 +97,6 @@ def without_rationales(pack: Pack) -> Pack:
     return dataclasses.replace(pack, tickets=tuple(strip(t) for t in pack.tickets))
 
 
-def contract_example(keys: tuple[str, ...]) -> str:
-    """The one-line example of a step that the action contract shows, in this key order."""
-    return "{" + ", ".join(f'"{k}": {{...}}' if k == "args" else f'"{k}": "..."' for k in keys) + "}"
-
-
-assert contract_example(PRODUCT) in ACTION_CONTRACT, "the contract's example moved: update contract_example"
-
-
 def reorder(text: str, keys: tuple[str, ...]) -> str:
     """An action's JSON with its keys in this order (anything unparsable unchanged)."""
     try:
@@ -124,7 +116,7 @@ def in_order(messages: list[dict[str, str]], keys: tuple[str, ...]) -> list[dict
         if m["role"] == "assistant":
             m = {**m, "content": reorder(m["content"], keys)}
         elif m["role"] == "system":
-            m = {**m, "content": m["content"].replace(contract_example(PRODUCT), contract_example(keys))}
+            m = {**m, "content": m["content"].replace(step_example(), step_example(keys))}
         out.append(m)
     return out
 

@@ -14,9 +14,9 @@ prefix and numbers positions from the attention mask, so the suffix continues ri
 
 **p(escalate)** at a decision state is the student's own probability of choosing `escalate` as its
 next action: at the first token of the value of its step's `"action"` field (the step's first
-field in the protocol's order, so it costs a few generated tokens), the probability of the token that begins `escalate`, renormalised
-over the first tokens of the six action names. `EscalationGate` reads it during generation, at no
-extra cost. An adapter may carry an **operating point** τ (`operating_point.json`, fitted by
+field in the protocol's order, so it costs a few generated tokens), the probability of the token
+that begins `escalate`, renormalised over the first tokens of the six action names.
+`EscalationGate` reads it during generation, at no extra cost. An adapter may carry an **operating point** τ (`operating_point.json`, fitted by
 loop/calibration.py): the student then escalates exactly when p(escalate) ≥ τ, and otherwise takes
 its best other action. The reason code is its own choice among the protocol's codes: the gate
 allows only tokens that continue one of them (an escalation forced by τ against the student's

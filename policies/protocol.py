@@ -15,9 +15,13 @@ from environments.actions import REASONS, Action
 from environments.episode import Entry
 from environments.pack import Company
 
+def step_example(keys: tuple[str, ...] = tuple(Action.model_fields)) -> str:
+    """The one-line shape of a step the contract shows, in `Action`'s key order (the order it is written in)."""
+    return "{" + ", ".join(f'"{k}": {{...}}' if k == "args" else f'"{k}": "..."' for k in keys) + "}"
+
+
 ACTION_CONTRACT = (
-    "Answer with ONE JSON object and nothing else: "
-    '{"action": "...", "args": {...}, "thought": "...", "message": "..."}\n'
+    f"Answer with ONE JSON object and nothing else: {step_example()}\n"
     "Actions:\n"
     '- search_kb, args {"query": "..."}: search the knowledge base; message "".\n'
     "- clarify, args {}: message asks the customer for a missing detail.\n"
