@@ -162,6 +162,15 @@ def greedy(student, work, max_steps: int) -> dict:
     return report(outs, by_company=False).metrics
 
 
+def by_intent(work, scored: list[tuple[float, bool]], tau: float) -> list[tuple[str, bool, int, int, float]]:
+    """(intent, should escalate, tickets, wrong at τ, mean score) per intent, the most often wrong first."""
+    groups: dict[tuple[str, bool], list[float]] = {}
+    for (_, ticket), (score, escalate) in zip(work, scored):
+        groups.setdefault((ticket.truth.intent, escalate), []).append(score)
+    rows = [(i, e, len(s), sum((x >= tau) != e for x in s), sum(s) / len(s)) for (i, e), s in groups.items()]
+    return sorted(rows, key=lambda r: (-r[3] / r[2], -r[2], r[0]))
+
+
 def fmt(e) -> str:
     return "n/a" if e.value != e.value else f"{e.value:.2f} [{e.low:.2f}, {e.high:.2f}]"
 
@@ -170,6 +179,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variants", default="terse,rationale,action-first", help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--sizes", default="100,250,500", help="snapshots after this many training conversations")
+    parser.add_argument("--tickets", type=int, default=0, help="training tickets demonstrated (default: the largest of --sizes)")
     parser.add_argument("--lr", default="1e-3", help="learning rates (comma-separated: each variant runs at each)")
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--batch", type=int, default=8)
@@ -216,7 +226,7 @@ def main() -> None:
             student = as_variant(hf, variant)
             source = [p for s in range(args.seed, args.seed + 1 + variant.redraws) for p in training(s) if p.id not in left_out]
             source = source if variant.rationale else [without_rationales(p) for p in source]
-            demos = run_episodes(OraclePolicy(), random.Random(args.seed).sample(training_pool(source), max(sizes)), progress=False)
+            demos = run_episodes(OraclePolicy(), random.Random(args.seed).sample(training_pool(source), args.tickets or max(sizes)), progress=False)
             conversations = [training_messages(e) for e in demos if e.result().resolved]
             if variant.keys != PRODUCT:
                 conversations = [in_order(c, variant.keys) for c in conversations]
@@ -241,11 +251,11 @@ def main() -> None:
                       f"held-out AUROC {row[6]:.2f} J@τ {row[7]:.2f} ({time.perf_counter() - clock:.0f} s)", flush=True)
             save_operating_point(OperatingPoint(tau, 0, 0, 0, len(val), None), out)  # the last adapter's τ
             trained.append((label, variant, out, round(len(conversations) * args.epochs), result, (time.perf_counter() - started) / 60,
-                            row[5]))
+                            row[5], (tau, by_intent(val_work, val, tau))))
 
     # The recipe validation picks (the highest validation J of a last adapter) plays greedy episodes at
     # its τ on the held-out pair and the hand-written packs: the reported numbers.
-    label, variant, out, n_conv, result, wall, _ = chosen = max(trained, key=lambda t: t[6])
+    label, variant, out, n_conv, result, wall, _, (chosen_tau, intents) = chosen = max(trained, key=lambda t: t[6])
     hf.load_adapter(out)
     student = as_variant(hf, variant)
     held = greedy(student, [(p, t) for p in heldout for t in eval_tickets(p, args.heldout_tickets)], args.max_steps)
@@ -301,6 +311,17 @@ def main() -> None:
         f"{fmt(held['reason_accuracy'])} | {fmt(held['calibration_j'])} | {fmt(hand['valid_json_rate']) if hand else '-'} | "
         f"{fmt(hand['calibration_j']) if hand else '-'} |",
     ]
+    lines += [
+        "",
+        f"## Where the chosen adapter errs on validation, by what the customer wants (at τ {chosen_tau:.2g})",
+        "",
+        "A ticket is wrong when its score and τ disagree with whether escalating is right: a needless escalation on a",
+        "self-serve ticket, a missed one on an escalation ticket. Intents sorted by their share of wrong tickets.",
+        "",
+        "| intent | escalate? | tickets | wrong | mean score |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    lines += [f"| {i} | {'yes' if e else 'no'} | {n} | {w} | {m:.2f} |" for i, e, n, w, m in intents]
     plot(curves, Path(__file__).parent / "reports" / f"{args.name}.png")
     lines += ["", f"![held-out J at τ against training minutes]({args.name}.png)"]
     publish(args.name, lines)

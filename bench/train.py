@@ -11,7 +11,12 @@ after the other in this process:
   accumulation steps (the same effective batch of 8; at 8 it needs ~24 GB);
 - "unshared": apprentice's loss (no padding mask, only trained tokens reach the LM head), batch 4 x 2
   accumulation like "before" (at batch 8 it needs ~24 GB);
-- "shared prefix": the same, one company per batch and its common prefix computed once, batch 8.
+- "shared prefix": the same, one company per batch and its common prefix computed once, batch 8;
+- "shared prefix, fp32": the same in float32 throughout, what apprentice trained in before it autocast to bf16.
+
+Every variant but the last autocasts to bfloat16 where `train_precision = "auto"` does (a CPU with AMX
+or AVX-512 BF16): TRL's SFTConfig turns bf16 on by default, so "before" always ran that way, while
+apprentice's loss ran in float32 until its trainer autocast it too.
 
 Prints conversations/s, tokens/s counted as if unshared, the final loss and the peak resident
 memory of each, then the shared-prefix speed-up over "before". Writes bench/reports/train.md.
@@ -66,6 +71,7 @@ def train_before(model_dir: Path, conversations: list, settings: LoraSettings) -
             gradient_accumulation_steps=settings.batch_size // 4, num_train_epochs=settings.epochs, learning_rate=settings.learning_rate,
             lr_scheduler_type="cosine", save_strategy="no", report_to=[], seed=settings.seed, use_cpu=True, disable_tqdm=True,
             activation_checkpointing=False,  # as the previous release set it (TRL defaults to on)
+            bf16=train.use_bf16(settings.precision, "cpu"),  # TRL's default (on), where the CPU computes bf16 natively
         )
         trainer = BeforeTrainer(model=model, args=config, train_dataset=Dataset.from_list([{"messages": c} for c in conversations]),
                                 processing_class=tokenizer, peft_config=train.lora_config(settings, model.config.num_hidden_layers))
@@ -98,7 +104,8 @@ def main() -> None:
     rows.append(("before (batch 4 x 2 accumulation)", before["steps"], before["seconds"], before["loss"], before["peak"]))
     with tempfile.TemporaryDirectory() as tmp:
         unshared = dataclasses.replace(base, share_prefix=False, batch_size=4, grad_accum=args.batch // 4)  # batch 8 swaps at ~24 GB
-        for name, settings in [("unshared (batch 4 x 2 accumulation)", unshared), ("shared prefix", base)]:
+        fp32 = dataclasses.replace(base, precision="fp32")
+        for name, settings in [("unshared (batch 4 x 2 accumulation)", unshared), ("shared prefix, fp32", fp32), ("shared prefix", base)]:
             r = train_adapter(model_dir, conversations, Path(tmp) / name.replace(" ", "-"), settings, progress=False)
             rows.append((name, r.steps, r.seconds, r.train_loss, r.peak_memory_gb))
     reference = rows[0][2]
@@ -107,7 +114,8 @@ def main() -> None:
         "",
         f"{len(conversations)} oracle demonstrations of built-in training tickets ({tokens:,} tokens per epoch counted unshared),",
         f"{args.epochs:g} epoch(s), {args.batch} conversations per optimizer step, LoRA r 16 on all linear layers, learning rate 1e-3,",
-        f"real SmolLM2-135M in float32, {torch.get_num_threads()} torch threads, CPU: {os.cpu_count()} cores.",
+        f"real SmolLM2-135M, float32 weights, {'bf16 autocast' if train.use_bf16('auto', 'cpu') else 'no bf16 units: float32'} "
+        f"except where a variant says fp32, {torch.get_num_threads()} torch threads, CPU: {os.cpu_count()} cores.",
         "All variants ran one after the other in one process on the same conversations (`bench/train.py`).",
         "",
         "| variant | steps | seconds | conversations/s | tokens/s (as if unshared) | train loss | peak memory | speed-up |",

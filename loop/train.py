@@ -19,7 +19,8 @@ common prefix takes the plain path.
 attention runs in SDPA's fused kernels, which keep no T×T tensor.
 
 TRL hosts all of it: `AssistantLossTrainer` is an `SFTTrainer` with its own collator, batch
-sampler and `compute_loss`; the Trainer keeps the optimizer, schedule, accumulation, bf16 on CUDA.
+sampler and `compute_loss`; the Trainer keeps the optimizer, schedule, accumulation, and bf16 autocast
+(on CUDA, and on a CPU with native bf16 units: `use_bf16`).
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class LoraSettings:
     decision_weight: float = 1.0  # loss weight of the action-name and reason-code tokens (1 = plain mean)
     lora_layers: int = 0  # LoRA on the top N decoder layers only; 0 = every layer
     share_prefix: bool = True  # one company's conversations per batch, its common prefix computed once
+    precision: str = "auto"  # "bf16": bfloat16 autocast (float32 weights); "fp32"; "auto": bf16 where the hardware computes it natively
 
 
 @dataclass(frozen=True)
@@ -245,7 +247,8 @@ class AssistantLossTrainer(SFTTrainer):
         return self.accelerator.prepare(DataLoader(self.train_dataset, batch_sampler=batches, collate_fn=collate, num_workers=0))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss = shared_prefix_loss(model, inputs, share=self.share_prefix)
+        with self.accelerator.autocast():  # the loss runs the model's modules, not its forward that accelerate wraps
+            loss = shared_prefix_loss(model, inputs, share=self.share_prefix)
         return (loss, None) if return_outputs else loss
 
 
@@ -282,6 +285,18 @@ def lora_config(settings: LoraSettings, n_layers: int) -> LoraConfig:
                       target_modules=LORA_MODULES, layers_to_transform=layers)
 
 
+def use_bf16(precision: str, device: str, *, load_in_4bit: bool = False) -> bool:
+    """Whether training autocasts to bfloat16. "auto" does on CUDA and on a CPU with native bf16
+    matrix units (AMX or AVX-512 BF16: bench/train.py measures what it buys), not for a 4-bit base on CPU."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision must be auto, bf16 or fp32, not {precision!r}")
+    if precision != "auto":
+        return precision == "bf16"
+    if device == "cuda":
+        return True
+    return not load_in_4bit and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+
+
 def train_adapter(model_dir: Path, conversations: list[list[dict[str, str]]], out_dir: Path, settings: LoraSettings, *,
                   progress: bool = True, snapshots: Sequence[int] = ()) -> TrainResult:
     """Train a fresh LoRA adapter on `conversations`, save it (and its probe values) to `out_dir`.
@@ -304,7 +319,7 @@ def train_adapter(model_dir: Path, conversations: list[list[dict[str, str]]], ou
             output_dir=scratch, per_device_train_batch_size=settings.batch_size, gradient_accumulation_steps=settings.grad_accum,
             num_train_epochs=settings.epochs, learning_rate=settings.learning_rate, lr_scheduler_type="cosine",
             warmup_steps=0, logging_steps=5, save_strategy="no", activation_checkpointing=False, report_to=[], seed=settings.seed,
-            use_cpu=device == "cpu", bf16=device == "cuda", disable_tqdm=not progress, dataloader_num_workers=0,
+            use_cpu=device == "cpu", bf16=use_bf16(settings.precision, device, load_in_4bit=settings.load_in_4bit), disable_tqdm=not progress, dataloader_num_workers=0,
             remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True},
         )
         trainer = AssistantLossTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,

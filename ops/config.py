@@ -63,6 +63,7 @@ class Config:
     decision_weight: float = _f(1.0, "Loss weight of the tokens that carry the decision (the action name and the reason code); 1 = plain mean.")
     lora_layers: int = _f(0, "LoRA on the top N decoder layers only; 0 = every layer.")
     max_length: int = _f(1024, "Longest training conversation in tokens (longer ones are truncated).")
+    train_precision: Literal["auto", "bf16", "fp32"] = _f("auto", "Training arithmetic: bf16 autocast (weights stay float32) or fp32; auto = bf16 on CUDA and on CPUs with native bf16 units (AMX, AVX-512 BF16).")
     # the gate
     min_valid_json: float = _f(0.99, "The gate refuses a candidate below this valid-JSON rate.")
     max_regression: float = _f(0.02, "The gate refuses a candidate whose recall or over-escalation worsens by more.")

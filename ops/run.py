@@ -59,7 +59,8 @@ def lora_settings(cfg: Config) -> LoraSettings:
     return LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, epochs=cfg.epochs,
                         learning_rate=cfg.learning_rate, batch_size=cfg.train_batch_size, grad_accum=cfg.grad_accum,
                         max_length=cfg.max_length, load_in_4bit=cfg.load_in_4bit, seed=cfg.seed,
-                        decision_weight=cfg.decision_weight, lora_layers=cfg.lora_layers)
+                        decision_weight=cfg.decision_weight, lora_layers=cfg.lora_layers,
+                        precision=cfg.train_precision)
 
 
 def build_runtime(cfg: Config, *, progress: bool = True) -> Runtime:

@@ -9,6 +9,7 @@ from peft import get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from loop import train
 from loop.train import (
     PROBE_FILE,
     CompanyBatches,
@@ -131,6 +132,30 @@ def test_training_changes_adapter_not_base(tiny_model_dir, tmp_path):
     assert json.loads((snapshot / "snapshot.json").read_text())["conversations"] == 4
     assert not torch.equal(load_file(snapshot / "adapter_model.safetensors")[next(k for k in adapter if "lora_B" in k)],
                            adapter[next(k for k in adapter if "lora_B" in k)])
+
+
+@pytest.mark.parametrize("precision,autocast", [("bf16", True), ("fp32", False)])
+def test_training_autocasts_the_loss_to_bf16_when_asked(tiny_model_dir, tmp_path, monkeypatch, precision, autocast):
+    seen = []
+    real = train.shared_prefix_loss
+
+    def spy(model, inputs, *, share):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return real(model, inputs, share=share)
+
+    monkeypatch.setattr(train, "shared_prefix_loss", spy)
+    settings = LoraSettings(r=4, alpha=8, epochs=1, batch_size=2, learning_rate=5e-3, max_length=256, precision=precision)
+    result = train_adapter(tiny_model_dir, [CONVERSATION] * 2, tmp_path / precision, settings, progress=False)
+    assert seen == [autocast] and result.train_loss > 0
+    adapter = load_file(tmp_path / precision / "adapter_model.safetensors")
+    assert all(v.dtype == torch.float32 for v in adapter.values())  # the weights stay float32 either way
+
+
+def test_auto_precision_is_bf16_on_cuda_and_never_for_a_4bit_base_on_cpu():
+    assert train.use_bf16("auto", "cuda") and not train.use_bf16("fp32", "cuda") and train.use_bf16("bf16", "cpu")
+    assert not train.use_bf16("auto", "cpu", load_in_4bit=True)
+    with pytest.raises(ValueError, match="precision"):
+        train.use_bf16("half", "cpu")
 
 
 def test_lora_on_the_top_layers_only(tiny_model_dir, tmp_path):
