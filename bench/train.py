@@ -14,7 +14,7 @@ after the other in this process:
 - "shared prefix": the same, one company per batch and its common prefix computed once, batch 8;
 - "shared prefix, fp32": the same in float32 throughout, what apprentice trained in before it autocast to bf16.
 
-Every variant but the last autocasts to bfloat16 where `train_precision = "auto"` does (a CPU with AMX
+Every variant but "shared prefix, fp32" autocasts to bfloat16 where `train_precision = "auto"` does (a CPU with AMX
 or AVX-512 BF16): TRL's SFTConfig turns bf16 on by default, so "before" always ran that way, while
 apprentice's loss ran in float32 until its trainer autocast it too.
 

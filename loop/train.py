@@ -319,7 +319,8 @@ def train_adapter(model_dir: Path, conversations: list[list[dict[str, str]]], ou
             output_dir=scratch, per_device_train_batch_size=settings.batch_size, gradient_accumulation_steps=settings.grad_accum,
             num_train_epochs=settings.epochs, learning_rate=settings.learning_rate, lr_scheduler_type="cosine",
             warmup_steps=0, logging_steps=5, save_strategy="no", activation_checkpointing=False, report_to=[], seed=settings.seed,
-            use_cpu=device == "cpu", bf16=use_bf16(settings.precision, device, load_in_4bit=settings.load_in_4bit), disable_tqdm=not progress, dataloader_num_workers=0,
+            use_cpu=device == "cpu", bf16=use_bf16(settings.precision, device, load_in_4bit=settings.load_in_4bit),
+            disable_tqdm=not progress, dataloader_num_workers=0,
             remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True},
         )
         trainer = AssistantLossTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
