@@ -67,6 +67,7 @@ HANDWRITTEN = Path(__file__).parent / "packs"
 THOUGHT_FIRST = ("thought", "action", "args", "message")
 ACTION_FIRST = ("action", "args", "thought", "message")
 PRODUCT = tuple(Action.model_fields)  # the key order apprentice writes (environments/actions.py)
+GATE_OVER_ESCALATION = 0.02  # the gate's max_regression against the base model, which never escalates
 
 
 @dataclass(frozen=True)
@@ -149,11 +150,17 @@ def auroc(scored: list[tuple[float, bool]]) -> float:
     return sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
 
 
-def at(scored: list[tuple[float, bool]], tau: float) -> float:
-    """J of the tickets' scores at threshold τ."""
+def rates(scored: list[tuple[float, bool]], tau: float) -> tuple[float, float]:
+    """(recall, over-escalation) of the tickets' scores at threshold τ."""
     pos = [s >= tau for s, y in scored if y]
     neg = [s >= tau for s, y in scored if not y]
-    return sum(pos) / len(pos) - sum(neg) / len(neg)
+    return sum(pos) / len(pos), sum(neg) / len(neg)
+
+
+def at(scored: list[tuple[float, bool]], tau: float) -> float:
+    """J of the tickets' scores at threshold τ."""
+    recall, over = rates(scored, tau)
+    return recall - over
 
 
 def greedy(student, work, max_steps: int) -> dict:
@@ -244,11 +251,15 @@ def main() -> None:
                 val = ticket_scores(student, val_work)
                 tau, _, _ = fit_threshold(val)
                 held = ticket_scores(student, curve_work)
-                row = (label, meta["conversations"], meta["seconds"] / 60, tau, auroc(val), at(val, tau), auroc(held), at(held, tau))
+                # The gate's corner: against a base that never escalates, over-escalation may rise 2 points at most.
+                strict = fit_threshold(val, max_over_escalation=GATE_OVER_ESCALATION)[0]
+                row = (label, meta["conversations"], meta["seconds"] / 60, tau, auroc(val), at(val, tau), auroc(held), at(held, tau),
+                       strict, *rates(held, strict))
                 snapshot_rows.append(row)
                 curves.setdefault(label, []).append((row[2], row[7]))
                 print(f"{label} @{row[1]}: {row[2]:.1f} train min, τ {tau:.2g}, val AUROC {row[4]:.2f} J {row[5]:.2f}, "
-                      f"held-out AUROC {row[6]:.2f} J@τ {row[7]:.2f} ({time.perf_counter() - clock:.0f} s)", flush=True)
+                      f"held-out AUROC {row[6]:.2f} J@τ {row[7]:.2f}; at τ {strict:.2g} (val over-esc ≤ {GATE_OVER_ESCALATION}): "
+                      f"held-out recall {row[9]:.2f} over-esc {row[10]:.2f} ({time.perf_counter() - clock:.0f} s)", flush=True)
             save_operating_point(OperatingPoint(tau, 0, 0, 0, len(val), None), out)  # the last adapter's τ
             trained.append((label, variant, out, round(len(conversations) * args.epochs), result, (time.perf_counter() - started) / 60,
                             row[5], (tau, by_intent(val_work, val, tau))))
@@ -284,10 +295,16 @@ def main() -> None:
         "escalating is right; it escalates at τ when its score reaches τ. Cheap (no episode is played), and the τ comes from",
         "validation only.",
         "",
-        "| variant | conversations | train min | τ | validation AUROC | validation J at τ | held-out AUROC | held-out J at τ |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"The last three columns are the gate's corner: τ fitted for the best validation recall with over-escalation ≤ "
+        f"{GATE_OVER_ESCALATION}",
+        "(what a candidate must keep against the base model, which never escalates), and the held-out rates at it.",
+        "",
+        "| variant | conversations | train min | τ | validation AUROC | validation J at τ | held-out AUROC | held-out J at τ | "
+        "strict τ | held-out recall | held-out over-esc. |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    lines += [f"| {r[0]} | {r[1]} | {r[2]:.1f} | {r[3]:.2g} | {r[4]:.2f} | {r[5]:.2f} | {r[6]:.2f} | {r[7]:.2f} |" for r in snapshot_rows]
+    lines += [f"| {r[0]} | {r[1]} | {r[2]:.1f} | {r[3]:.2g} | {r[4]:.2f} | {r[5]:.2f} | {r[6]:.2f} | {r[7]:.2f} | {r[8]:.2g} | "
+              f"{r[9]:.2f} | {r[10]:.2f} |" for r in snapshot_rows]
     lines += [
         "",
         "## Every variant: its last adapter",

@@ -15,8 +15,10 @@ common prefix takes the plain path.
 
 **Memory.** What a step keeps for backward is the activations of every token with gradients, about
 2 MB a token for SmolLM2-135M in float32: the shared prefix and the packing cut those tokens about
-3x at batch 8. Only the hidden states that predict a trained token reach the LM head (49k-wide), and
-attention runs in SDPA's fused kernels, which keep no T×T tensor.
+3x at batch 8. Only the hidden states that predict a trained token reach the LM head (49k-wide). In
+float32, attention runs in SDPA's fused kernels, which keep no T×T tensor; under bf16 autocast the
+suffixes' attention is written in matmuls, which bf16 speeds up where the fused CPU kernel gains
+nothing, and keeps their attention weights (`_prefix_keys_once`).
 
 TRL hosts all of it: `AssistantLossTrainer` is an `SFTTrainer` with its own collator, batch
 sampler and `compute_loss`; the Trainer keeps the optimizer, schedule, accumulation, and bf16 autocast
@@ -177,9 +179,22 @@ def _decoder_and_head(peft_model):
 def _suffix_rows_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, *, suffix_rows=(), **kwargs):
     """Attention for packed suffixes behind a shared prefix: `query` [1, H, N, D] holds the rows'
     suffixes back to back, `key`/`value` [1, Hkv, P + N, D] the cached prefix and then the same
-    suffixes. Each row attends to the prefix and causally to itself, one SDPA call per row, so no
-    row pays for another's keys (a packed mask would make the fused kernel compute them all)."""
-    P, rows = key.shape[2] - query.shape[2], list(suffix_rows)
+    suffixes. Each row attends to the prefix and causally to itself. In float32, one fused SDPA call
+    per row, so no row pays for another's keys (a packed mask would make the kernel compute them all);
+    under bf16 or fp16 autocast, `_prefix_keys_once` in that dtype (the rotary embedding hands
+    attention float32 queries and keys even then)."""
+    rows, scale = list(suffix_rows), query.shape[-1] ** -0.5 if scaling is None else scaling
+    device = query.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
+    if dtype in (torch.float32, torch.float64):
+        out = _rows_one_by_one(query, key, value, rows, scale)
+    else:
+        out = _prefix_keys_once(query.to(dtype), key.to(dtype), value.to(dtype), rows, scale)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _rows_one_by_one(query, key, value, rows: list[int], scale: float) -> torch.Tensor:
+    P = key.shape[2] - query.shape[2]
     # split/cat, not per-row slicing: their backward writes each gradient once, not into a zeroed full-size copy per row
     k_prefix, v_prefix = key[:, :, :P], value[:, :, :P]
     outputs = []
@@ -188,8 +203,37 @@ def _suffix_rows_attention(module, query, key, value, attention_mask, dropout=0.
         mask_S_PS = torch.ones(S, P + S, dtype=torch.bool, device=q.device)
         mask_S_PS[:, P:] = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
         outputs.append(F.scaled_dot_product_attention(q, torch.cat([k_prefix, k], dim=2), torch.cat([v_prefix, v], dim=2),
-                                                      attn_mask=mask_S_PS, scale=scaling, enable_gqa=q.shape[1] != k.shape[1]))
-    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+                                                      attn_mask=mask_S_PS, scale=scale, enable_gqa=q.shape[1] != k.shape[1]))
+    return torch.cat(outputs, dim=2)
+
+
+def _prefix_keys_once(query, key, value, rows: list[int], scale: float) -> torch.Tensor:
+    """The same attention written out in matmuls: every row's queries meet the prefix keys in one
+    matmul per key head (its query heads stacked), and their own row's keys row by row; one softmax
+    per row over both. SDPA's CPU kernel gains nothing from bf16 (bench/step.py); these matmuls do,
+    at the cost of keeping each layer's attention weights (H × N × (P + row) values) for backward."""
+    _, H, N, D = query.shape
+    Hkv, P = key.shape[1], key.shape[2] - N
+    G = H // Hkv  # query heads per key head; head h reads key head h // G, as transformers' repeat_kv
+
+    def by_key_head(x_H_n_E):  # [1, H, n, E] -> [1, Hkv, G * n, E]
+        return x_H_n_E.reshape(1, Hkv, G * x_H_n_E.shape[2], x_H_n_E.shape[3])
+
+    def by_head(x_Hkv_Gn_E, n: int):  # the inverse
+        return x_Hkv_Gn_E.reshape(1, H, n, x_Hkv_Gn_E.shape[3])
+
+    q_H_N_D = query * scale
+    scores_H_N_P = by_head(by_key_head(q_H_N_D) @ key[:, :, :P].transpose(2, 3), N)
+    weights_prefix, outputs_own = [], []
+    for q, s_prefix, k, v in zip(q_H_N_D.split(rows, dim=2), scores_H_N_P.split(rows, dim=2),
+                                 key[:, :, P:].split(rows, dim=2), value[:, :, P:].split(rows, dim=2)):
+        S = q.shape[2]
+        s_own = by_head(by_key_head(q) @ k.transpose(2, 3), S)
+        s_own = s_own.masked_fill(torch.ones(S, S, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        w_prefix, w_own = torch.softmax(torch.cat([s_prefix, s_own], dim=3), dim=3).to(v.dtype).split([P, S], dim=3)
+        weights_prefix.append(w_prefix)
+        outputs_own.append(by_head(by_key_head(w_own) @ v, S))
+    return by_head(by_key_head(torch.cat(weights_prefix, dim=2)) @ value[:, :, :P], N) + torch.cat(outputs_own, dim=2)
 
 
 SUFFIX_ROWS_ATTENTION = "apprentice_suffix_rows"

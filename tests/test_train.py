@@ -24,6 +24,8 @@ from loop.train import (
 )
 from policies.models import resolve_model, training_template
 
+train_prefix_keys_once = train._prefix_keys_once
+
 SYSTEM = {"role": "system", "content": "You are the support agent of Acme. Policy: " + "refunds within 30 days self-serve; " * 8}
 CONVERSATION = [
     SYSTEM,
@@ -102,6 +104,34 @@ def test_unshared_loss_is_the_causal_lm_loss(tiny_model_dir, tokenizer):
         mask = (torch.arange(batch["input_ids"].shape[1])[None] < batch["lengths"][:, None]).long()
         reference = model(input_ids=batch["input_ids"], attention_mask=mask, labels=batch["labels"]).loss
     assert torch.allclose(ours, reference, atol=1e-5)
+
+
+def test_bf16_suffix_attention_is_the_same_attention_as_sdpa_row_by_row():
+    """The matmul form that bf16 steps take, against one SDPA call per row, in float64 (grouped key heads)."""
+    rows, P, H, Hkv, D = [5, 9, 1, 7], 11, 6, 2, 8
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(1, H, sum(rows), D, generator=g, dtype=torch.float64),
+              torch.randn(1, Hkv, P + sum(rows), D, generator=g, dtype=torch.float64),
+              torch.randn(1, Hkv, P + sum(rows), D, generator=g, dtype=torch.float64)]
+    results = []
+    for attend in (train._rows_one_by_one, train._prefix_keys_once):
+        q, k, v = (x.clone().requires_grad_() for x in inputs)
+        out = attend(q, k, v, rows, 0.3)
+        (out * torch.arange(out.numel(), dtype=out.dtype).reshape(out.shape).sin()).sum().backward()
+        results.append([out, q.grad, k.grad, v.grad])
+    for by_row, once in zip(*results):
+        assert torch.allclose(by_row, once, rtol=1e-10, atol=1e-12)
+
+
+def test_shared_prefix_loss_under_bf16_autocast_stays_near_the_unshared(tiny_model_dir, tokenizer, monkeypatch):
+    model = lora_model(tiny_model_dir)
+    batch = collate([vars(encode(tokenizer, c, max_length=1024)) for c in conversations(4)])
+    calls = []
+    monkeypatch.setattr(train, "_prefix_keys_once", lambda *a: calls.append(a[0].dtype) or train_prefix_keys_once(*a))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        shared, unshared = (shared_prefix_loss(model, batch, share=s).item() for s in (True, False))
+    assert calls and set(calls) == {torch.bfloat16}  # every layer's suffix attention took the bf16 form
+    assert abs(shared - unshared) <= 2e-2 * abs(unshared)
 
 
 def test_company_batches_hold_one_company_and_cover_every_conversation_each_pass():
