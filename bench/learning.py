@@ -55,7 +55,7 @@ from loop.calibration import OperatingPoint, fit_threshold, save_operating_point
 from loop.dataset import oversample_escalations
 from loop.evaluate import eval_tickets, run_episodes, training_pool, validation_tickets
 from loop.metrics import TicketOutcome, report
-from loop.round import training_messages
+from loop.round import RoundSettings, training_messages
 from loop.train import LoraSettings, train_adapter
 from policies.hf import HFStudent
 from policies.models import resolve_model
@@ -67,7 +67,7 @@ HANDWRITTEN = Path(__file__).parent / "packs"
 THOUGHT_FIRST = ("thought", "action", "args", "message")
 ACTION_FIRST = ("action", "args", "thought", "message")
 PRODUCT = tuple(Action.model_fields)  # the key order apprentice writes (environments/actions.py)
-GATE_OVER_ESCALATION = 0.02  # the gate's max_regression against the base model, which never escalates
+GATE_OVER_ESCALATION = RoundSettings().max_regression  # what the gate lets over-escalation rise over the base's 0
 
 
 @dataclass(frozen=True)
