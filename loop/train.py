@@ -379,7 +379,9 @@ def train_adapter(model_dir: Path, conversations: list[list[dict[str, str]]], ou
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     trainer.model.save_pretrained(partial)
-    probes = [round(x, 5) for x in mean_logprobs(trainer.model.eval(), tokenizer, list(PROBE_TEXTS), trainer.model.device)]
+    # In float32, as a worker that loads the adapter computes them: without accelerate's bf16 autocast wrapper.
+    model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False).eval()
+    probes = [round(x, 5) for x in mean_logprobs(model, tokenizer, list(PROBE_TEXTS), model.device)]
     (partial / PROBE_FILE).write_text(json.dumps({"texts": list(PROBE_TEXTS), "logprobs": probes, "settings": asdict(settings)}, indent=2))
     shutil.rmtree(out_dir, ignore_errors=True)
     partial.rename(out_dir)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -22,6 +22,7 @@ from loop.train import (
     shared_prefix_loss,
     train_adapter,
 )
+from policies.hf import mean_logprobs
 from policies.models import resolve_model, training_template
 
 train_prefix_keys_once = train._prefix_keys_once
@@ -179,6 +180,10 @@ def test_training_autocasts_the_loss_to_bf16_when_asked(tiny_model_dir, tmp_path
     assert seen == [autocast] and result.train_loss > 0
     adapter = load_file(tmp_path / precision / "adapter_model.safetensors")
     assert all(v.dtype == torch.float32 for v in adapter.values())  # the weights stay float32 either way
+    # The probes were computed on the float32 base, as a worker loading the adapter computes them.
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    fresh = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / precision).eval()
+    assert mean_logprobs(fresh, tok, list(train.PROBE_TEXTS), "cpu") == pytest.approx(result.probe_logprobs, abs=1e-4)
 
 
 def test_auto_precision_is_bf16_on_cuda_and_never_for_a_4bit_base_on_cpu():
