@@ -9,16 +9,19 @@ after the other in this process:
 - "before": the trainer of the previous release, kept here as the reference: TRL's collator
   (random batches, a padding mask), the loss on the union of trained positions; batch 4 with 2
   accumulation steps (the same effective batch of 8; at 8 it needs ~24 GB);
-- "unshared": apprentice's loss (no padding mask, only trained tokens reach the LM head), batch 4 x 2
-  accumulation like "before" (at batch 8 it needs ~24 GB);
-- "shared prefix": the same, one company per batch and its common prefix computed once, batch 8;
-- "shared prefix, fp32": the same in float32 throughout, what apprentice trained in before it autocast to bf16;
+- "unshared": apprentice's loss (no padding mask, only trained tokens reach the LM head), batch 8,
+  its rows through backward in chunks of `chunk_tokens` like the default;
+- "shared prefix": the same, one company per batch and its common prefix computed once, batch 8 (the default);
+- "shared prefix, rows all at once": the same with `chunk_tokens = 0`, one backward per batch (what it did before
+  it chunked the rows: faster or not, and how much more memory);
+- "shared prefix, its forward twice" (`recompute_prefix`): the prefix's forward without gradients first and again
+  with them at the end, so its activations and a chunk's are never held together;
 - "shared prefix, LoRA on the top 15 layers" (`lora_layers = 15`): the lower half frozen, so backward stops halfway;
   a recipe change, measured here for speed only (whether held-out J holds is bench/learning.py's question).
 
-Every variant but "shared prefix, fp32" autocasts to bfloat16 where `train_precision = "auto"` does (a CPU with AMX
-or AVX-512 BF16): TRL's SFTConfig turns bf16 on by default, so "before" always ran that way, while
-apprentice's loss ran in float32 until its trainer autocast it too.
+Every variant autocasts to bfloat16 where `train_precision = "auto"` does (a CPU with AMX or AVX-512 BF16):
+TRL's SFTConfig turns bf16 on by default, so "before" always ran that way (bench/step.py compares
+float32 and bf16 steps).
 
 Prints conversations/s, tokens/s counted as if unshared, the final loss and the peak resident
 memory of each, then the shared-prefix speed-up over "before". Writes bench/reports/train.md.
@@ -109,10 +112,12 @@ def main() -> None:
     before = train_before(model_dir, conversations, base)
     rows.append(("before (batch 4 x 2 accumulation)", before["steps"], before["seconds"], before["loss"], before["peak"]))
     with tempfile.TemporaryDirectory() as tmp:
-        unshared = dataclasses.replace(base, share_prefix=False, batch_size=4, grad_accum=args.batch // 4)  # batch 8 swaps at ~24 GB
-        fp32 = dataclasses.replace(base, precision="fp32")
+        unshared = dataclasses.replace(base, share_prefix=False)
+        at_once = dataclasses.replace(base, chunk_tokens=0)
+        twice = dataclasses.replace(base, recompute_prefix=True)
         top = dataclasses.replace(base, lora_layers=TOP_LAYERS)
-        for name, settings in [("unshared (batch 4 x 2 accumulation)", unshared), ("shared prefix, fp32", fp32), (DEFAULT, base),
+        for name, settings in [("unshared", unshared), (DEFAULT, base),
+                               ("shared prefix, rows all at once", at_once), ("shared prefix, its forward twice", twice),
                                (f"shared prefix, LoRA on the top {TOP_LAYERS} layers", top)]:
             r = train_adapter(model_dir, conversations, Path(tmp) / name.replace(" ", "-"), settings, progress=False)
             rows.append((name, r.steps, r.seconds, r.train_loss, r.peak_memory_gb))
@@ -122,8 +127,9 @@ def main() -> None:
         "",
         f"{len(conversations)} oracle demonstrations of built-in training tickets ({tokens:,} tokens per epoch counted unshared),",
         f"{args.epochs:g} epoch(s), {args.batch} conversations per optimizer step, LoRA r 16 on all linear layers, learning rate 1e-3,",
+        f"rows through backward in chunks of {base.chunk_tokens} tokens past the shared prefix unless a variant says otherwise,",
         f"real SmolLM2-135M, float32 weights, {'bf16 autocast' if train.use_bf16('auto', 'cpu') else 'no bf16 units: float32'} "
-        f"except where a variant says fp32, {torch.get_num_threads()} torch threads, CPU: {os.cpu_count()} cores.",
+        f"{torch.get_num_threads()} torch threads, CPU: {os.cpu_count()} cores.",
         "All variants ran one after the other in one process on the same conversations (`bench/train.py`).",
         "",
         "| variant | steps | seconds | conversations/s | tokens/s (as if unshared) | train loss | peak memory | speed-up |",

@@ -14,19 +14,24 @@ and every LoRA gradient equal the unshared computation (tests/test_train.py). A 
 common prefix takes the plain path.
 
 **Memory.** What a step keeps for backward is the activations of every token with gradients, about
-2 MB a token for SmolLM2-135M in float32: the shared prefix and the packing cut those tokens about
-3x at batch 8. Only the hidden states that predict a trained token reach the LM head (49k-wide). In
-float32, attention runs in SDPA's fused kernels, which keep no T×T tensor; under bf16 autocast the
-suffixes' attention is written in matmuls, which bf16 speeds up where the fused CPU kernel gains
-nothing, and keeps their attention weights (`_prefix_keys_once`).
+3 MB a token for SmolLM2-135M. The shared prefix and the packing cut those tokens about 3x at
+batch 8; `loss_backward` then takes the rows through backward in chunks of `chunk_tokens` past the
+prefix, against the prefix's keys and values held as leaves, and runs the prefix's backward once at
+the end, so a step holds the prefix's activations and one chunk's, whatever the batch. Only the
+hidden states that predict a trained token reach the LM head (49k-wide). In float32, attention runs
+in SDPA's fused kernels, which keep no T×T tensor; under bf16 autocast the suffixes' attention is
+written in matmuls, which bf16 speeds up where the fused CPU kernel gains nothing, and keeps their
+attention weights (`_prefix_keys_once`).
 
 TRL hosts all of it: `AssistantLossTrainer` is an `SFTTrainer` with its own collator, batch
-sampler and `compute_loss`; the Trainer keeps the optimizer, schedule, accumulation, and bf16 autocast
-(on CUDA, and on a CPU with native bf16 units: `use_bf16`).
+sampler and `training_step` (forward and backward by `loss_backward`); the Trainer keeps the
+optimizer, schedule, accumulation, and bf16 autocast (on CUDA, and on a CPU with native bf16 units:
+`use_bf16`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import json
@@ -45,7 +50,7 @@ from datasets import Dataset
 from peft import LoraConfig, prepare_model_for_kbit_training
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Sampler
-from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, DynamicCache, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from policies.hf import mean_logprobs
@@ -79,6 +84,8 @@ class LoraSettings:
     decision_weight: float = 1.0  # loss weight of the action-name and reason-code tokens (1 = plain mean)
     lora_layers: int = 0  # LoRA on the top N decoder layers only; 0 = every layer
     share_prefix: bool = True  # one company's conversations per batch, its common prefix computed once
+    chunk_tokens: int = 512  # a batch's rows go through backward in chunks of this many tokens past the shared prefix (0: all at once)
+    recompute_prefix: bool = False  # the shared prefix's forward twice, so its activations and a chunk's are never held together
     precision: str = "auto"  # "bf16": bfloat16 autocast (float32 weights); "fp32"; "auto": bf16 where the hardware computes it natively
 
 
@@ -241,59 +248,134 @@ AttentionInterface.register(SUFFIX_ROWS_ATTENTION, _suffix_rows_attention)
 
 
 def shared_prefix_loss(model, batch: dict[str, torch.Tensor], *, share: bool = True) -> torch.Tensor:
-    """Weighted mean next-token loss over the labelled tokens of a right-padded batch (`collate`).
+    """Weighted mean next-token loss over the labelled tokens of a right-padded batch (`collate`), in
+    one graph (`loss_backward` computes the same in bounded memory).
 
     With `share` and a long common prefix, the prefix runs once (batch 1) and the rows' suffixes,
     without padding, run as one packed sequence against its KV cache, each suffix token at
     its own position, attending to the prefix and its own row (`_suffix_rows_attention`). Either
     way only the hidden states that predict a labelled token reach the LM head."""
     decoder, head = _decoder_and_head(model)
-    input_ids_B_T, labels_B_T, weights_B_T = batch["input_ids"], batch["labels"], batch["weights"]
-    P = shared_prefix_len(input_ids_B_T, labels_B_T) if share else 0
+    P = shared_prefix_len(batch["input_ids"], batch["labels"]) if share else 0
+    cache = decoder(input_ids=batch["input_ids"][:1, :P], use_cache=True).cache if P else None
+    return _rows_loss_sum(decoder, head, batch, list(range(len(batch["lengths"]))), P, cache) / _trained_weight(batch)
+
+
+def loss_backward(model, batch: dict[str, torch.Tensor], *, share: bool = True, chunk_tokens: int = 0, recompute_prefix: bool = False,
+                  scale: float = 1.0, autocast=contextlib.nullcontext) -> float:
+    """Forward and backward of `shared_prefix_loss` × `scale`, the rows in chunks of at most
+    `chunk_tokens` tokens past the prefix (0: one chunk); returns the loss. Gradients equal the
+    one-graph computation's; what a step keeps for backward is the prefix's activations and one
+    chunk's, not every row's. The prefix runs once: each chunk reads its keys and values as leaves,
+    which collect the chunks' gradients, and the prefix's own backward runs last, on their sum.
+    `recompute_prefix` runs the prefix without gradients first and again with them at the end, so
+    its activations and a chunk's are never held together (one more prefix forward per step).
+    The forward passes run under `autocast()`, the backward passes outside it."""
+    decoder, head = _decoder_and_head(model)
+    P = shared_prefix_len(batch["input_ids"], batch["labels"]) if share else 0
+
+    def prefix_cache():
+        with autocast():
+            return decoder(input_ids=batch["input_ids"][:1, :P], use_cache=True).cache
+
+    cache, leaves = None, []
+    if P:
+        with torch.no_grad() if recompute_prefix else contextlib.nullcontext():
+            cache = prefix_cache()
+        leaves = [tuple(t.detach().requires_grad_(trained) for t in (layer.keys, layer.values))
+                  for layer, trained in zip(cache.layers, _keys_trained(decoder))]
+    weight, loss = _trained_weight(batch), 0.0
+    for rows in _chunks([int(L) - P for L in batch["lengths"]], chunk_tokens):
+        with autocast():
+            part = _rows_loss_sum(decoder, head, batch, rows, P, DynamicCache(leaves, config=decoder.config) if P else None) / weight
+        (part * scale).backward()
+        loss += part.item()
+    if P:
+        cache = prefix_cache() if recompute_prefix else cache
+        prefix = [(t, leaf.grad) for layer, kv in zip(cache.layers, leaves) for t, leaf in zip((layer.keys, layer.values), kv)
+                  if t.requires_grad and leaf.grad is not None]
+        if prefix:  # empty only when no weight of the decoder trains
+            torch.autograd.backward(*zip(*prefix))
+    return loss
+
+
+def _keys_trained(decoder) -> list[bool]:
+    """Per decoder layer: whether a trainable weight at or below it can move its keys and values
+    (below LoRA's lowest layer, none: backward stops there)."""
+    trained, out = any(p.requires_grad for p in decoder.get_input_embeddings().parameters()), []
+    for layer in decoder.layers:
+        trained = trained or any(p.requires_grad for p in layer.parameters())
+        out.append(trained)
+    return out
+
+
+def _chunks(sizes: list[int], budget: int) -> list[list[int]]:
+    """Consecutive indices of `sizes` grouped so that each group's sum stays within `budget` (0: no
+    bound); a single larger size makes a group of its own."""
+    groups, total = [[]], 0
+    for i, size in enumerate(sizes):
+        if budget and groups[-1] and total + size > budget:
+            groups.append([])
+            total = 0
+        groups[-1].append(i)
+        total += size
+    return groups
+
+
+def _trained_weight(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return batch["weights"][:, 1:][batch["labels"][:, 1:] != -100].sum()
+
+
+def _rows_loss_sum(decoder, head, batch: dict[str, torch.Tensor], rows: list[int], P: int, cache) -> torch.Tensor:
+    """Weighted sum of the next-token losses of `rows` of the batch: after `cache`'s P prefix tokens,
+    their suffixes packed (`_suffix_rows_attention`), or with P 0 the rows themselves, right-padded."""
+    input_ids_B_T, labels_B_T, weights_B_T = batch["input_ids"][rows], batch["labels"][rows], batch["weights"][rows]
+    lengths = [int(batch["lengths"][b]) for b in rows]
     if not P:
-        hidden_B_T_D = decoder(input_ids=input_ids_B_T).last_hidden_state
-        targets_B_T, w_B_T = labels_B_T[:, 1:], weights_B_T[:, 1:]
+        T = max(lengths)
+        hidden_B_T_D = decoder(input_ids=input_ids_B_T[:, :T]).last_hidden_state
+        targets_B_T, w_B_T = labels_B_T[:, 1:T], weights_B_T[:, 1:T]
         trained_B_T = targets_B_T != -100
         hidden_N_D, targets_N, weights_N = hidden_B_T_D[:, :-1][trained_B_T], targets_B_T[trained_B_T], w_B_T[trained_B_T]
     else:
-        cache = decoder(input_ids=input_ids_B_T[:1, :P], use_cache=True).cache
-        rows = [(b, int(L)) for b, L in enumerate(batch["lengths"])]
-        ids_S = torch.cat([input_ids_B_T[b, P:L] for b, L in rows])
-        positions_S = torch.cat([torch.arange(P, L, device=ids_S.device) for _, L in rows])
+        ids_S = torch.cat([input_ids_B_T[b, P:L] for b, L in enumerate(lengths)])
+        positions_S = torch.cat([torch.arange(P, L, device=ids_S.device) for L in lengths])
         config, implementation = decoder.config, decoder.config._attn_implementation
         config._attn_implementation = SUFFIX_ROWS_ATTENTION
         try:
             hidden_S_D = decoder(input_ids=ids_S[None], position_ids=positions_S[None], cache=cache, use_cache=True,
-                                 suffix_rows=[L - P for _, L in rows]).last_hidden_state[0]
+                                 suffix_rows=[L - P for L in lengths]).last_hidden_state[0]
         finally:
             config._attn_implementation = implementation
         # Token s of row b predicts that row's next token; the row's last token predicts nothing.
         no_target = torch.tensor([-100], device=ids_S.device)
-        targets_S = torch.cat([torch.cat([labels_B_T[b, P + 1 : L], no_target]) for b, L in rows])
-        w_S = torch.cat([torch.cat([weights_B_T[b, P + 1 : L], no_target.float()]) for b, L in rows])
+        targets_S = torch.cat([torch.cat([labels_B_T[b, P + 1 : L], no_target]) for b, L in enumerate(lengths)])
+        w_S = torch.cat([torch.cat([weights_B_T[b, P + 1 : L], no_target.float()]) for b, L in enumerate(lengths)])
         trained_S = targets_S != -100
         hidden_N_D, targets_N, weights_N = hidden_S_D[trained_S], targets_S[trained_S], w_S[trained_S]
-    losses_N = F.cross_entropy(head(hidden_N_D).float(), targets_N, reduction="none")
-    return (losses_N * weights_N).sum() / weights_N.sum()
+    return (F.cross_entropy(head(hidden_N_D).float(), targets_N, reduction="none") * weights_N).sum()
 
 
 class AssistantLossTrainer(SFTTrainer):
-    """SFTTrainer over pre-tokenized conversations: one company per batch, the shared prefix once."""
+    """SFTTrainer over pre-tokenized conversations: one company per batch, the shared prefix once,
+    the rows' backward in chunks (`loss_backward`)."""
 
-    loss_is_scaled_for_ga = False  # a per-micro-batch mean: the Trainer divides by the accumulation steps
-
-    def __init__(self, *args, groups: Sequence[str], share_prefix: bool, **kwargs):
+    def __init__(self, *args, groups: Sequence[str], lora: LoraSettings, **kwargs):
         super().__init__(*args, **kwargs)
-        self.groups, self.share_prefix = groups, share_prefix
+        self.groups, self.lora = groups, lora
 
     def get_train_dataloader(self) -> DataLoader:
         batches = CompanyBatches(self.groups, self.args.per_device_train_batch_size, seed=self.args.seed)
         return self.accelerator.prepare(DataLoader(self.train_dataset, batch_sampler=batches, collate_fn=collate, num_workers=0))
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        with self.accelerator.autocast():  # the loss runs the model's modules, not its forward that accelerate wraps
-            loss = shared_prefix_loss(model, inputs, share=self.share_prefix)
-        return (loss, None) if return_outputs else loss
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """The Trainer's step (a per-micro-batch mean, divided by the accumulation steps), its backward
+        done by `loss_backward` in chunks; the autocast is the accelerator's (bf16 where asked)."""
+        model.train()
+        scale = 1 / self.current_gradient_accumulation_steps
+        loss = loss_backward(model, self._prepare_inputs(inputs), share=self.lora.share_prefix, chunk_tokens=self.lora.chunk_tokens,
+                             recompute_prefix=self.lora.recompute_prefix, scale=scale, autocast=self.accelerator.autocast)
+        return torch.tensor(loss * scale, device=self.args.device)
 
 
 class _Snapshots(TrainerCallback):
@@ -369,7 +451,7 @@ def train_adapter(model_dir: Path, conversations: list[list[dict[str, str]]], ou
         )
         trainer = AssistantLossTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                                        peft_config=lora_config(settings, model.config.num_hidden_layers), data_collator=collate,
-                                       groups=groups, share_prefix=settings.share_prefix)
+                                       groups=groups, lora=settings)
         start = time.perf_counter()
         saver = _Snapshots(snapshots, settings.batch_size * settings.grad_accum, out_dir, start)
         trainer.add_callback(saver)

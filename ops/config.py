@@ -60,6 +60,8 @@ class Config:
     learning_rate: float = _f(1e-3, "Peak learning rate (cosine decay); LoRA runs of under ~100 steps want 1e-3 (bench/learning.py).")
     train_batch_size: int = _f(8, "Conversations per training step; one company's, its system message computed once (shared prefix).")
     grad_accum: int = _f(1, "Gradient accumulation steps.")
+    train_chunk_tokens: int = _f(512, "A training step's rows go through backward in chunks of about this many tokens past the shared prefix, which bounds its memory; 0 = all at once.")
+    train_recompute_prefix: bool = _f(False, "Compute the shared prefix's forward twice per step, so its activations and a chunk's are never held at once: less memory, a slower step.")
     decision_weight: float = _f(1.0, "Loss weight of the tokens that carry the decision (the action name and the reason code); 1 = plain mean.")
     lora_layers: int = _f(0, "LoRA on the top N decoder layers only; 0 = every layer.")
     max_length: int = _f(1024, "Longest training conversation in tokens (longer ones are truncated).")
@@ -106,8 +108,8 @@ class Config:
             raise ValueError(f"policy_redraws must lie in [0, 20], got {self.policy_redraws}")
         if not 1 <= self.calibration_tickets <= 20:
             raise ValueError(f"calibration_tickets must lie in [1, 20] (the validation split's size), got {self.calibration_tickets}")
-        if self.decision_weight <= 0 or self.lora_layers < 0:
-            raise ValueError("decision_weight must be > 0 and lora_layers >= 0")
+        if self.decision_weight <= 0 or self.lora_layers < 0 or self.train_chunk_tokens < 0:
+            raise ValueError("decision_weight must be > 0, lora_layers and train_chunk_tokens >= 0")
 
 
 def _coerce(name: str, value: Any) -> Any:

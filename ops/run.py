@@ -60,6 +60,7 @@ def lora_settings(cfg: Config) -> LoraSettings:
                         learning_rate=cfg.learning_rate, batch_size=cfg.train_batch_size, grad_accum=cfg.grad_accum,
                         max_length=cfg.max_length, load_in_4bit=cfg.load_in_4bit, seed=cfg.seed,
                         decision_weight=cfg.decision_weight, lora_layers=cfg.lora_layers,
+                        chunk_tokens=cfg.train_chunk_tokens, recompute_prefix=cfg.train_recompute_prefix,
                         precision=cfg.train_precision)
 
 
