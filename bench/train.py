@@ -4,18 +4,19 @@
 
 Every variant trains a fresh LoRA adapter (r 16, all linear layers) with the real SmolLM2-135M on
 the same oracle demonstrations of built-in training tickets (drawn as a round draws them), one
-after the other in this process:
+after the other, each in a fresh process (so that its peak memory is its own):
 
 - "before": the trainer of the previous release, kept here as the reference: TRL's collator
   (random batches, a padding mask), the loss on the union of trained positions; batch 4 with 2
   accumulation steps (the same effective batch of 8; at 8 it needs ~24 GB);
 - "unshared": apprentice's loss (no padding mask, only trained tokens reach the LM head), batch 8,
-  its rows through backward in chunks of `chunk_tokens` like the default;
-- "shared prefix": the same, one company per batch and its common prefix computed once, batch 8 (the default);
-- "shared prefix, rows all at once": the same with `chunk_tokens = 0`, one backward per batch (what it did before
-  it chunked the rows: faster or not, and how much more memory);
-- "shared prefix, its forward twice" (`recompute_prefix`): the prefix's forward without gradients first and again
-  with them at the end, so its activations and a chunk's are never held together;
+  its rows through backward in chunks of 512 tokens (at once, a batch of 8 needs ~24 GB);
+- "shared prefix, rows all at once": the same, one company per batch and its common prefix computed once,
+  batch 8, one backward per batch (the default, `chunk_tokens = 0`);
+- "shared prefix, rows in chunks of 512": the rows through backward in chunks of 512 tokens past the prefix
+  (`chunk_tokens = 512`): what bounding a step's memory costs;
+- "shared prefix, chunks, its forward twice" (also `recompute_prefix`): the prefix's forward without gradients
+  first and again with them at the end, so its activations and a chunk's are never held together;
 - "shared prefix, LoRA on the top 15 layers" (`lora_layers = 15`): the lower half frozen, so backward stops halfway;
   a recipe change, measured here for speed only (whether held-out J holds is bench/learning.py's question).
 
@@ -31,9 +32,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import multiprocessing
 import os
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -49,7 +52,8 @@ from policies.policy import OraclePolicy
 from report import publish  # bench/report.py: the script's folder is on sys.path
 
 
-DEFAULT = "shared prefix"
+DEFAULT = "shared prefix, rows all at once"
+CHUNK = 512  # tokens past the prefix per backward pass, in the variants that bound a step's memory
 TOP_LAYERS = 15  # of SmolLM2-135M's 30: backward stops at the lowest layer with LoRA weights
 
 
@@ -90,6 +94,14 @@ def train_before(model_dir: Path, conversations: list, settings: LoraSettings) -
     return {"seconds": seconds, "loss": output.training_loss, "steps": output.global_step, "peak": peak_rss_gb()}
 
 
+def in_fresh_process(fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` in a new Python process with this one's torch threads, so that each
+    variant's peak memory is its own (a process never hands all its freed heap back)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
+                             initargs=(torch.get_num_threads(),)) as pool:
+        return pool.submit(fn, *args, **kwargs).result()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--demos", type=int, default=64, help="oracle demonstrations to train on")
@@ -109,17 +121,17 @@ def main() -> None:
     base = LoraSettings(epochs=args.epochs, batch_size=args.batch, learning_rate=1e-3)
 
     rows = []  # (name, steps, seconds, loss, peak GB)
-    before = train_before(model_dir, conversations, base)
+    before = in_fresh_process(train_before, model_dir, conversations, base)
     rows.append(("before (batch 4 x 2 accumulation)", before["steps"], before["seconds"], before["loss"], before["peak"]))
     with tempfile.TemporaryDirectory() as tmp:
-        unshared = dataclasses.replace(base, share_prefix=False)
-        at_once = dataclasses.replace(base, chunk_tokens=0)
-        twice = dataclasses.replace(base, recompute_prefix=True)
+        chunks = dataclasses.replace(base, chunk_tokens=CHUNK)
+        unshared = dataclasses.replace(chunks, share_prefix=False)
+        twice = dataclasses.replace(chunks, recompute_prefix=True)
         top = dataclasses.replace(base, lora_layers=TOP_LAYERS)
-        for name, settings in [("unshared", unshared), (DEFAULT, base),
-                               ("shared prefix, rows all at once", at_once), ("shared prefix, its forward twice", twice),
+        for name, settings in [("unshared", unshared), (DEFAULT, base), (f"shared prefix, rows in chunks of {CHUNK}", chunks),
+                               ("shared prefix, chunks, its forward twice", twice),
                                (f"shared prefix, LoRA on the top {TOP_LAYERS} layers", top)]:
-            r = train_adapter(model_dir, conversations, Path(tmp) / name.replace(" ", "-"), settings, progress=False)
+            r = in_fresh_process(train_adapter, model_dir, conversations, Path(tmp) / name.replace(" ", "-"), settings, progress=False)
             rows.append((name, r.steps, r.seconds, r.train_loss, r.peak_memory_gb))
     reference, default = rows[0][2], next(s for name, _, s, _, _ in rows if name == DEFAULT)
     lines = [
@@ -127,10 +139,9 @@ def main() -> None:
         "",
         f"{len(conversations)} oracle demonstrations of built-in training tickets ({tokens:,} tokens per epoch counted unshared),",
         f"{args.epochs:g} epoch(s), {args.batch} conversations per optimizer step, LoRA r 16 on all linear layers, learning rate 1e-3,",
-        f"rows through backward in chunks of {base.chunk_tokens} tokens past the shared prefix unless a variant says otherwise,",
-        f"real SmolLM2-135M, float32 weights, {'bf16 autocast' if train.use_bf16('auto', 'cpu') else 'no bf16 units: float32'} "
+        f"real SmolLM2-135M, float32 weights, {'bf16 autocast' if train.use_bf16('auto', 'cpu') else 'no bf16 units: float32'}, "
         f"{torch.get_num_threads()} torch threads, CPU: {os.cpu_count()} cores.",
-        "All variants ran one after the other in one process on the same conversations (`bench/train.py`).",
+        "All variants ran one after the other, each in a fresh process, on the same conversations (`bench/train.py`).",
         "",
         "| variant | steps | seconds | conversations/s | tokens/s (as if unshared) | train loss | peak memory | speed-up |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",

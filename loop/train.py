@@ -84,7 +84,7 @@ class LoraSettings:
     decision_weight: float = 1.0  # loss weight of the action-name and reason-code tokens (1 = plain mean)
     lora_layers: int = 0  # LoRA on the top N decoder layers only; 0 = every layer
     share_prefix: bool = True  # one company's conversations per batch, its common prefix computed once
-    chunk_tokens: int = 512  # a batch's rows go through backward in chunks of this many tokens past the shared prefix (0: all at once)
+    chunk_tokens: int = 0  # a batch's rows go through backward in chunks of this many tokens past the shared prefix (0: all at once)
     recompute_prefix: bool = False  # the shared prefix's forward twice, so its activations and a chunk's are never held together
     precision: str = "auto"  # "bf16": bfloat16 autocast (float32 weights); "fp32"; "auto": bf16 where the hardware computes it natively
 
