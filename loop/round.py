@@ -52,7 +52,8 @@ class RoundSettings:
     collect_with: str = "promoted"  # "promoted" | "newest"
     selection: str = "uniform"  # "uniform" | "uncertainty" | "mixed": loop/selection.py
     selection_pool: int = 3  # candidates scored per ticket picked
-    calibration_tickets: int = 10  # validation tickets per training company that τ is fitted on
+    calibration_tickets: int = 10  # validation tickets per training company that τ is fitted on (per policy draw)
+    validation_companies: int = 2  # whole training companies left out of training, τ fitted on them (0: every company's validation split)
     max_over_escalation: float = 0.0  # > 0: τ gives the best recall within this over-escalation; 0: τ maximizes J
     seed: int = 0
 
@@ -75,7 +76,24 @@ class Runtime:
 
     @property
     def train_packs(self) -> list[Pack]:
-        return [p for p in self.packs if p.company.split == "train"]
+        """The training companies trained on: every one but those left out for validation."""
+        left_out = self.left_out
+        return [p for p in self.packs if p.company.split == "train" and p.company.name not in left_out]
+
+    @property
+    def validation_packs(self) -> list[Pack]:
+        """Where τ is fitted: the companies left out of training, or, with none left out, every
+        training company (on its validation split)."""
+        left_out = self.left_out
+        return [p for p in self.packs if p.company.split == "train" and (not left_out or p.company.name in left_out)]
+
+    @property
+    def left_out(self) -> frozenset[str]:
+        """Names of the `validation_companies` training companies left out of training (with their
+        every policy draw), chosen by the seed; none when fewer than twice as many stay to train on."""
+        names = sorted({p.company.name for p in self.packs if p.company.split == "train"})
+        n = self.settings.validation_companies
+        return frozenset(random.Random(self.settings.seed).sample(names, n)) if n and len(names) >= 3 * n else frozenset()
 
     @property
     def heldout_packs(self) -> list[Pack]:
@@ -146,9 +164,11 @@ def retrain(rt: Runtime, round_no: int, summary: RoundSummary) -> RoundSummary:
     store, s = rt.store, rt.settings
     collector = collecting_adapter(store, s.collect_with)
 
-    # 3. dataset: every accepted example of every round, held-out companies refused.
+    # 3. dataset: every accepted example of every round, held-out companies refused, and those of the
+    #    companies left out for τ, but for corrected production traces (what the production loop is for).
     heldout = {p.id for p in rt.heldout_packs}
-    examples = store.examples(exclude_companies=tuple(heldout))
+    left_out = {p.id for p in rt.validation_packs} if rt.left_out else set()
+    examples = [e for e in store.examples(exclude_companies=tuple(heldout)) if e.company_id not in left_out or e.source == "production"]
     dataset = build_dataset(examples, heldout=heldout, escalation_share=s.escalation_share, seed=s.seed + round_no)
 
     # 4. train a fresh adapter version on it.
@@ -170,13 +190,16 @@ def retrain(rt: Runtime, round_no: int, summary: RoundSummary) -> RoundSummary:
     summary.trained_on = dataset.sources
     summary.seconds["train"] = time.perf_counter() - clock
 
-    # 5. operating point: τ on p(escalate), fitted on validation tickets of training companies; the
+    # 5. operating point: τ on p(escalate), fitted on training companies left out of training (as
+    #    many tickets in all as `calibration_tickets` from every company), never on held-out ones; the
     #    student applies it from its next load (here, the evaluation's) wherever it acts.
     clock = time.perf_counter()
     rt.student.load_adapter(path)
+    per_pack = s.calibration_tickets * len(rt.train_packs + rt.validation_packs) // len(rt.validation_packs) if rt.left_out \
+        else s.calibration_tickets
     try:
-        point = fit_operating_point(rt.student, rt.train_packs, max_over_escalation=s.max_over_escalation or None,
-                                    per_company=s.calibration_tickets, progress=rt.progress)
+        point = fit_operating_point(rt.student, rt.validation_packs, max_over_escalation=s.max_over_escalation or None,
+                                    per_company=per_pack, progress=rt.progress)
         save_operating_point(point, path)
         summary.tau = point.tau
     except ValueError as e:  # e.g. validation tickets of one kind only: the adapter decodes by argmax

@@ -13,15 +13,17 @@ causally to itself (`shared_prefix_loss`); autograd sums the prefix's gradients 
 and every LoRA gradient equal the unshared computation (tests/test_train.py). A batch without a long
 common prefix takes the plain path.
 
-**Memory.** What a step keeps for backward is the activations of every token with gradients, about
-3 MB a token for SmolLM2-135M. The shared prefix and the packing cut those tokens about 3x at
-batch 8; `loss_backward` then takes the rows through backward in chunks of `chunk_tokens` past the
-prefix, against the prefix's keys and values held as leaves, and runs the prefix's backward once at
-the end, so a step holds the prefix's activations and one chunk's, whatever the batch. Only the
-hidden states that predict a trained token reach the LM head (49k-wide). In float32, attention runs
-in SDPA's fused kernels, which keep no T×T tensor; under bf16 autocast the suffixes' attention is
-written in matmuls, which bf16 speeds up where the fused CPU kernel gains nothing, and keeps their
-attention weights (`_prefix_keys_once`).
+**Memory.** What a step keeps for backward is the activations of every token with gradients. The
+shared prefix and the packing cut those tokens about 3x at batch 8; `loss_backward` can then take
+the rows through backward in chunks of `chunk_tokens` past the prefix, against the prefix's keys
+and values held as leaves, and run the prefix's backward once at the end, so a step holds the
+prefix's activations and one chunk's, whatever the batch. Only the hidden states that predict a
+trained token reach the LM head (49k-wide). In float32, attention runs in SDPA's fused kernels,
+which keep no T×T tensor; under bf16 autocast the suffixes' attention is written in matmuls, which
+bf16 speeds up where the fused CPU kernel gains nothing (`_prefix_keys_once`), and recomputed in
+backward rather than keeping its attention weights (~40% of what a step kept). Under bf16 the
+frozen linear weights are held in bf16 for the run (`hold_frozen_linears`), so a pass keeps no
+autocast copy of them. Both leave every number as it was (tested).
 
 TRL hosts all of it: `AssistantLossTrainer` is an `SFTTrainer` with its own collator, batch
 sampler and `training_step` (forward and backward by `loss_backward`); the Trainer keeps the
@@ -47,8 +49,9 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from peft import LoraConfig, prepare_model_for_kbit_training
+from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, Sampler
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, DynamicCache, TrainerCallback
 from trl import SFTConfig, SFTTrainer
@@ -189,14 +192,16 @@ def _suffix_rows_attention(module, query, key, value, attention_mask, dropout=0.
     suffixes. Each row attends to the prefix and causally to itself. In float32, one fused SDPA call
     per row, so no row pays for another's keys (a packed mask would make the kernel compute them all);
     under bf16 or fp16 autocast, `_prefix_keys_once` in that dtype (the rotary embedding hands
-    attention float32 queries and keys even then)."""
+    attention float32 queries and keys even then), recomputed in backward: its attention weights
+    are ~1.5 GB of a batch of 8 on SmolLM2-135M, the recompute one more attention forward."""
     rows, scale = list(suffix_rows), query.shape[-1] ** -0.5 if scaling is None else scaling
     device = query.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
     if dtype in (torch.float32, torch.float64):
         out = _rows_one_by_one(query, key, value, rows, scale)
     else:
-        out = _prefix_keys_once(query.to(dtype), key.to(dtype), value.to(dtype), rows, scale)
+        args = (query.to(dtype), key.to(dtype), value.to(dtype), rows, scale)
+        out = checkpoint(_prefix_keys_once, *args, use_reentrant=False) if torch.is_grad_enabled() else _prefix_keys_once(*args)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -217,8 +222,9 @@ def _rows_one_by_one(query, key, value, rows: list[int], scale: float) -> torch.
 def _prefix_keys_once(query, key, value, rows: list[int], scale: float) -> torch.Tensor:
     """The same attention written out in matmuls: every row's queries meet the prefix keys in one
     matmul per key head (its query heads stacked), and their own row's keys row by row; one softmax
-    per row over both. SDPA's CPU kernel gains nothing from bf16 (bench/step.py); these matmuls do,
-    at the cost of keeping each layer's attention weights (H × N × (P + row) values) for backward."""
+    per row over both. SDPA's CPU kernel gains nothing from bf16 (bench/step.py); these matmuls do.
+    Autograd would keep each layer's attention weights (H × N × (P + row) values) for backward, so
+    the trainer runs this under `checkpoint`, which recomputes them there instead."""
     _, H, N, D = query.shape
     Hkv, P = key.shape[1], key.shape[2] - N
     G = H // Hkv  # query heads per key head; head h reads key head h // G, as transformers' repeat_kv
@@ -405,6 +411,18 @@ def load_base(model_dir: Path, *, load_in_4bit: bool, device: str):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
 
 
+def hold_frozen_linears(model, dtype: torch.dtype) -> None:
+    """Hold the frozen weights of the decoder's linear layers in `dtype` for a training run under
+    `dtype` autocast. Autocast casts a weight that needs no gradient again at every call, and a
+    step keeps each cast for backward (~0.2 GB per pass for SmolLM2-135M); held cast once, a pass
+    keeps the weight itself. Same numbers (the cast is the same); the tied embeddings and LM head
+    stay float32. A model treated so is for training only: its base is no longer the float32 one."""
+    tied = model.get_output_embeddings().weight
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad and module.weight is not tied:
+            module.weight.data = module.weight.data.to(dtype)
+
+
 def lora_config(settings: LoraSettings, n_layers: int) -> LoraConfig:
     layers = list(range(n_layers - settings.lora_layers, n_layers)) if settings.lora_layers else None
     return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, task_type="CAUSAL_LM",
@@ -452,6 +470,8 @@ def train_adapter(model_dir: Path, conversations: list[list[dict[str, str]]], ou
         trainer = AssistantLossTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                                        peft_config=lora_config(settings, model.config.num_hidden_layers), data_collator=collate,
                                        groups=groups, lora=settings)
+        if config.bf16 and not settings.load_in_4bit:
+            hold_frozen_linears(trainer.model, torch.bfloat16)
         start = time.perf_counter()
         saver = _Snapshots(snapshots, settings.batch_size * settings.grad_accum, out_dir, start)
         trainer.add_callback(saver)
@@ -462,8 +482,13 @@ def train_adapter(model_dir: Path, conversations: list[list[dict[str, str]]], ou
     shutil.rmtree(partial, ignore_errors=True)
     trainer.model.save_pretrained(partial)
     # In float32, as a worker that loads the adapter computes them: without accelerate's bf16 autocast wrapper.
-    model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False).eval()
-    probes = [round(x, 5) for x in mean_logprobs(model, tokenizer, list(PROBE_TEXTS), model.device)]
+    del trainer, model
+    gc.collect()
+    # On a fresh base, as a worker that loads the adapter computes them (the trained base's frozen
+    # weights may be held in bf16, and accelerate's autocast wrapper stays on its forward).
+    model = PeftModel.from_pretrained(load_base(model_dir, load_in_4bit=settings.load_in_4bit, device=device), partial).eval()
+    with torch.no_grad():
+        probes = [round(x, 5) for x in mean_logprobs(model, tokenizer, list(PROBE_TEXTS), model.device)]
     (partial / PROBE_FILE).write_text(json.dumps({"texts": list(PROBE_TEXTS), "logprobs": probes, "settings": asdict(settings)}, indent=2))
     shutil.rmtree(out_dir, ignore_errors=True)
     partial.rename(out_dir)

@@ -50,8 +50,9 @@ class Config:
     selection: Literal["uniform", "uncertainty", "mixed"] = _f("uniform", "Which training tickets a SCoRe collection rolls out: uniform at random; uncertainty: p(escalate) nearest the collector's τ (each reason and company kept); mixed: half each.")
     selection_pool: int = _f(3, "Candidates scored per ticket picked, under the uncertainty and mixed rules.")
     eval_tickets: int = _f(30, "Held-out tickets per company in the fixed evaluation set.")
-    calibration_tickets: int = _f(10, "Validation tickets per training company (never trained on) that each adapter's operating point τ is fitted on; spread over the company's policy draws.")
-    max_over_escalation: float = _f(0.0, "0: τ maximizes J = recall - over-escalation on validation; above 0: the best recall whose over-escalation stays within it.")
+    calibration_tickets: int = _f(10, "Validation tickets per training company (never trained on) that each adapter's operating point τ is fitted on, spread over the company's policy draws; as many in all when they come from the companies left out.")
+    validation_companies: int = _f(2, "Training companies left out of training, whole, for fitting τ on new companies (0, or fewer than 3x as many training companies: every company's validation split).")
+    max_over_escalation: float = _f(0.02, "Above 0: τ gives the best validation recall whose over-escalation stays within it (0.02: what the gate lets a candidate add to the base's); 0: τ maximizes J = recall - over-escalation.")
     # training
     lora_r: int = _f(16, "LoRA rank.")
     lora_alpha: int = _f(32, "LoRA alpha.")
@@ -106,6 +107,8 @@ class Config:
             raise ValueError("warm_start_tickets and rollout_tickets must be >= 0, epochs > 0")
         if not 0 <= self.policy_redraws <= 20:
             raise ValueError(f"policy_redraws must lie in [0, 20], got {self.policy_redraws}")
+        if not 0 <= self.validation_companies <= 5:
+            raise ValueError(f"validation_companies must lie in [0, 5], got {self.validation_companies}")
         if not 1 <= self.calibration_tickets <= 20:
             raise ValueError(f"calibration_tickets must lie in [1, 20] (the validation split's size), got {self.calibration_tickets}")
         if self.decision_weight <= 0 or self.lora_layers < 0 or self.train_chunk_tokens < 0:

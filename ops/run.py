@@ -51,7 +51,8 @@ def round_settings(cfg: Config) -> RoundSettings:
         eval_tickets=cfg.eval_tickets, max_steps=cfg.max_steps, min_valid_json=cfg.min_valid_json,
         max_regression=cfg.max_regression, auto_approve=cfg.auto_approve, collect_with=cfg.collect_with,
         selection=cfg.selection, selection_pool=cfg.selection_pool,
-        calibration_tickets=max(1, cfg.calibration_tickets // (1 + redraws(cfg))), max_over_escalation=cfg.max_over_escalation, seed=cfg.seed,
+        calibration_tickets=max(1, cfg.calibration_tickets // (1 + redraws(cfg))), max_over_escalation=cfg.max_over_escalation,
+        validation_companies=cfg.validation_companies, seed=cfg.seed,
     )
 
 

@@ -65,3 +65,55 @@ def test_minimal_loop_runs_two_rounds(tiny_model_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "round 1:" in printed and "round 2:" in printed
     assert (tmp_path / "round1" / "adapter_model.safetensors").exists() and (tmp_path / "round2" / "probe.json").exists()
+
+
+def test_tau_is_fitted_on_training_companies_left_out_of_training(tiny_model_dir, tmp_path, monkeypatch):
+    """With `validation_companies`, whole training companies (every policy draw) are never trained on
+    (not collected, not in the dataset even when the store holds their examples) and τ is fitted on them."""
+    from environments.builtin import build_packs
+    from loop import round as round_module
+    from loop.records import register_packs
+    from loop.round import RoundSettings, RoundSummary, Runtime, collect_demonstrations, ensure_base_evaluated, retrain
+    from loop.train import LoraSettings, train_adapter
+    from policies.hf import HFStudent
+    from policies.protocol import system_prompt
+    from policies.teacher import OracleTeacher
+    from store import ExampleRow
+
+    packs = build_packs(0, redraws=1)
+    trained_on, fitted_on = [], []
+
+    def train(model_dir, conversations, out_dir, settings):
+        trained_on.extend(c[0]["content"] for c in conversations)
+        return train_adapter(model_dir, conversations, out_dir, settings, progress=False)
+
+    def fit(student, fit_packs, **kwargs):
+        fitted_on.append(([p.id for p in fit_packs], kwargs["per_company"]))
+        return real_fit(student, fit_packs, **kwargs)
+
+    real_fit = round_module.fit_operating_point
+    monkeypatch.setattr(round_module, "fit_operating_point", fit)
+    store = Store.open(tmp_path / "a.db")
+    rt = Runtime(store=store, packs=packs, student=HFStudent(tiny_model_dir, max_new_tokens=16, batch_size=4),
+                 teacher=OracleTeacher(), train=train, model_dir=tiny_model_dir, base_model="tiny", adapters_dir=tmp_path / "adapters",
+                 settings=RoundSettings(eval_tickets=1, max_steps=6, escalation_share=0.0, calibration_tickets=1, validation_companies=2),
+                 lora=LoraSettings(epochs=1, batch_size=4), progress=False)
+    left_out = rt.left_out
+    assert len(left_out) == 2 and {p.company.name for p in rt.validation_packs} == left_out
+    assert len(rt.validation_packs) == 4 and not {p.id for p in rt.validation_packs} & {p.id for p in rt.train_packs}
+    register_packs(store, packs)
+    ensure_base_evaluated(rt)
+    # the store holds a left-out company's demonstrations too (say, from before the setting): never trained on
+    work = [(rt.validation_packs[0], rt.validation_packs[0].tickets[0])] + [(p, p.tickets[0]) for p in rt.train_packs[:3]]
+    collect_demonstrations(rt, work, 1)
+    # ... but a corrected production trace of a left-out company is trained on: the production loop is for it
+    production = [m for m in store.examples()[0].messages]
+    production[0] = {"role": "system", "content": "production prompt of " + rt.validation_packs[1].id}
+    store.add_examples([ExampleRow(source="production", company_id=rt.validation_packs[1].id, messages=production, has_escalation=False)])
+    retrain(rt, 1, RoundSummary(1, "test"))
+    assert set(trained_on) == {system_prompt(p.company) for p in rt.train_packs[:3]} | {production[0]["content"]}
+    # as many tickets as one per training pack (20 packs), from the 4 packs of the companies left out
+    assert fitted_on == [([p.id for p in rt.validation_packs], 5)]
+    few = Runtime(store=store, packs=[p for p in packs if p.company.name in left_out or p.company.split == "heldout"], student=None,
+                  teacher=None, train=None, model_dir=tmp_path, base_model="tiny", adapters_dir=tmp_path, settings=rt.settings, lora=rt.lora)
+    assert few.left_out == frozenset() and few.validation_packs == few.train_packs  # 2 training companies: too few to leave any out

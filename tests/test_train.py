@@ -153,6 +153,40 @@ def test_shared_prefix_loss_under_bf16_autocast_stays_near_the_unshared(tiny_mod
     assert abs(shared - unshared) <= 2e-2 * abs(unshared)
 
 
+def test_a_bf16_step_keeps_less_for_backward_and_computes_the_same(tiny_model_dir, tokenizer, monkeypatch):
+    """Under bf16 autocast the trainer holds the frozen linears in bf16 and recomputes the suffixes'
+    attention in backward: the same loss and LoRA gradients, bit for bit, as autocast's own casts and
+    kept attention weights, with less kept for backward."""
+    batch = collate([vars(encode(tokenizer, c, max_length=1024)) for c in conversations(4)])
+
+    def step(model):
+        kept = {}
+
+        def pack(t):
+            # What bf16 keeps, the LM head's cast aside (on the tiny model it outweighs the decoder's)
+            if t.dtype == torch.bfloat16 and t.numel() != model.get_output_embeddings().weight.numel():
+                kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        model.zero_grad()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = shared_prefix_loss(model, batch)
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, sum(kept.values())
+
+    lean = lora_model(tiny_model_dir)
+    train.hold_frozen_linears(lean, torch.bfloat16)
+    held = {n: p.dtype for n, p in lean.named_parameters()}
+    assert held["base_model.model.model.layers.0.mlp.down_proj.base_layer.weight"] == torch.bfloat16
+    assert {d for n, d in held.items() if "lora_" in n or "embed" in n} == {torch.float32}
+    loss, grads, kept = step(lean)
+    monkeypatch.setattr(train, "checkpoint", lambda fn, *args, **kwargs: fn(*args))  # attention weights kept
+    full_loss, full_grads, full_kept = step(lora_model(tiny_model_dir))
+    assert loss == full_loss and grads.keys() == full_grads.keys()
+    assert all(torch.equal(g, full_grads[n]) for n, g in grads.items())
+    assert kept < 0.8 * full_kept, (kept, full_kept)
+
+
 def test_company_batches_hold_one_company_and_cover_every_conversation_each_pass():
     groups = ["a"] * 10 + ["b"] * 5 + ["c"]
     batches = CompanyBatches(groups, batch_size=4, seed=0)
