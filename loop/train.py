@@ -481,7 +481,6 @@ def train_adapter(model_dir: Path, conversations: list[list[dict[str, str]]], ou
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     trainer.model.save_pretrained(partial)
-    # In float32, as a worker that loads the adapter computes them: without accelerate's bf16 autocast wrapper.
     del trainer, model
     gc.collect()
     # On a fresh base, as a worker that loads the adapter computes them (the trained base's frozen
