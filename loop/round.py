@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -26,7 +26,7 @@ from loop.metrics import TicketOutcome, report
 from loop.promotion import record_gate
 from loop.records import episode_rows, outcomes_of, record_eval, register_packs
 from loop.selection import Pick, select_tickets
-from loop.train import LoraSettings, TrainResult
+from loop.train import LoraSettings, TrainResult, same_shape
 from policies.policy import StudentPolicy, TeacherPolicy
 from policies.protocol import render_messages
 from policies.student import Student, operating_point
@@ -50,6 +50,7 @@ class RoundSettings:
     max_regression: float = 0.02
     auto_approve: bool = False
     collect_with: str = "promoted"  # "promoted" | "newest"
+    continue_training: bool = True  # a new adapter starts from the collecting adapter's weights (same LoRA shape and base)
     selection: str = "uniform"  # "uniform" | "uncertainty" | "mixed": loop/selection.py
     selection_pool: int = 3  # candidates scored per ticket picked
     calibration_tickets: int = 10  # validation tickets per training company that τ is fitted on (per policy draw)
@@ -160,7 +161,7 @@ def collect(rt: Runtime, round_no: int) -> RoundSummary:
 
 
 def retrain(rt: Runtime, round_no: int, summary: RoundSummary) -> RoundSummary:
-    """Train a fresh adapter on everything collected so far, evaluate it, and gate it."""
+    """Train an adapter on everything collected so far, evaluate it, and gate it."""
     store, s = rt.store, rt.settings
     collector = collecting_adapter(store, s.collect_with)
 
@@ -171,18 +172,23 @@ def retrain(rt: Runtime, round_no: int, summary: RoundSummary) -> RoundSummary:
     examples = [e for e in store.examples(exclude_companies=tuple(heldout)) if e.company_id not in left_out or e.source == "production"]
     dataset = build_dataset(examples, heldout=heldout, escalation_share=s.escalation_share, seed=s.seed + round_no)
 
-    # 4. train a fresh adapter version on it.
+    # 4. train a new adapter version on it: from the weights of the adapter that collected (whose own
+    #    errors the corrections repair), so each round adds a pass to what it learned, or fresh.
     clock = time.perf_counter()
     version = store.next_adapter_version()
     path = rt.adapters_dir / version
+    parent = store.adapter(collector) if collector and s.continue_training else None
+    start = parent.path if parent and parent.base_model == rt.base_model and same_shape(parent.path, rt.lora) else ""
+    lora = replace(rt.lora, start_from=start)
     store.add_adapter(AdapterRow(version=version, parent=collector, path=str(path), base_model=rt.base_model, status="training",
-                                 data_hash=dataset.data_hash, config={**asdict(rt.lora), "round": round_no, "method": s.method,
+                                 data_hash=dataset.data_hash, config={**asdict(lora), "round": round_no, "method": s.method,
                                  "examples": dataset.n_unique, "sources": dataset.sources, "examples_through": max((e.id or 0 for e in examples), default=0),
                                  "conversations": len(dataset.conversations),
                                  "escalation_share": round(dataset.escalation_share, 4)}))
-    store.log_event("training_started", version=version, round=round_no, examples=dataset.n_unique, sources=dataset.sources)
+    store.log_event("training_started", version=version, round=round_no, examples=dataset.n_unique, sources=dataset.sources,
+                    start_from=parent.version if start else None)
     try:
-        result = rt.train(rt.model_dir, dataset.conversations, path, rt.lora)
+        result = rt.train(rt.model_dir, dataset.conversations, path, lora)
     except BaseException:
         store.set_adapter_status(version, "failed")
         raise

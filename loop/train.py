@@ -1,6 +1,9 @@
-"""LoRA / QLoRA training of a fresh adapter on the aggregate training set (TRL SFTTrainer + PEFT).
+"""LoRA / QLoRA training of an adapter on the aggregate training set (TRL SFTTrainer + PEFT).
 
     result = train_adapter(model_dir, conversations, Path("adapters/v0003"), LoraSettings())
+
+A new adapter starts fresh (PEFT's init: B = 0), or from an earlier adapter's weights of the same
+shape (`LoraSettings.start_from`): a later round then adds its pass to what the last one learned.
 
 Loss is on assistant turns only: the tokenizer gets SmolLM2's ChatML template with
 `{% generation %}` markers, so one multi-turn trajectory trains in one forward pass.
@@ -49,7 +52,8 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
+from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training, set_peft_model_state_dict
+from safetensors.torch import load_file
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, Sampler
@@ -90,6 +94,7 @@ class LoraSettings:
     chunk_tokens: int = 0  # a batch's rows go through backward in chunks of this many tokens past the shared prefix (0: all at once)
     recompute_prefix: bool = False  # the shared prefix's forward twice, so its activations and a chunk's are never held together
     precision: str = "auto"  # "bf16": bfloat16 autocast (float32 weights); "fp32"; "auto": bf16 where the hardware computes it natively
+    start_from: str = ""  # an adapter folder of the same LoRA shape whose weights this one starts from ("": fresh)
 
 
 @dataclass(frozen=True)
@@ -429,6 +434,28 @@ def lora_config(settings: LoraSettings, n_layers: int) -> LoraConfig:
                       target_modules=LORA_MODULES, layers_to_transform=layers)
 
 
+def same_shape(adapter_dir: str | Path, settings: LoraSettings) -> bool:
+    """Whether the adapter in `adapter_dir` was trained with the LoRA shape `settings` asks for, so
+    a new adapter can start from its weights."""
+    try:
+        was = json.loads((Path(adapter_dir) / PROBE_FILE).read_text())["settings"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return all(was.get(k) == getattr(settings, k) for k in ("r", "alpha", "lora_layers"))
+
+
+def load_lora_weights(model: PeftModel, adapter_dir: str | Path) -> None:
+    """Load an earlier adapter's LoRA weights into the freshly wrapped `model` (same shape)."""
+    weights = load_file(Path(adapter_dir) / "adapter_model.safetensors")
+    try:
+        result = set_peft_model_state_dict(model, weights)
+    except RuntimeError as e:  # a rank that differs: size mismatches
+        raise ValueError(f"{adapter_dir} does not fit this LoRA shape: {e}") from e
+    if result.unexpected_keys:
+        raise ValueError(f"{adapter_dir} does not fit this LoRA shape: {len(result.unexpected_keys)} weights have no place, "
+                         f"e.g. {result.unexpected_keys[0]}")
+
+
 def use_bf16(precision: str, device: str, *, load_in_4bit: bool = False) -> bool:
     """Whether training autocasts to bfloat16. "auto" does on CUDA and on a CPU with native bf16
     matrix units (AMX or AVX-512 BF16: bench/train.py measures what it buys), not for a 4-bit base on CPU."""
@@ -443,7 +470,8 @@ def use_bf16(precision: str, device: str, *, load_in_4bit: bool = False) -> bool
 
 def train_adapter(model_dir: Path, conversations: list[list[dict[str, str]]], out_dir: Path, settings: LoraSettings, *,
                   progress: bool = True, snapshots: Sequence[int] = ()) -> TrainResult:
-    """Train a fresh LoRA adapter on `conversations`, save it (and its probe values) to `out_dir`.
+    """Train a LoRA adapter on `conversations` (fresh, or from `settings.start_from`), save it (and
+    its probe values) to `out_dir`.
 
     snapshots: also save the adapter as `<out_dir>@N` once N conversations were trained on."""
     if not conversations:
@@ -470,6 +498,8 @@ def train_adapter(model_dir: Path, conversations: list[list[dict[str, str]]], ou
         trainer = AssistantLossTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                                        peft_config=lora_config(settings, model.config.num_hidden_layers), data_collator=collate,
                                        groups=groups, lora=settings)
+        if settings.start_from:
+            load_lora_weights(trainer.model, settings.start_from)
         if config.bf16 and not settings.load_in_4bit:
             hold_frozen_linears(trainer.model, torch.bfloat16)
         start = time.perf_counter()

@@ -58,6 +58,7 @@ class Config:
     lora_alpha: int = _f(32, "LoRA alpha.")
     lora_dropout: float = _f(0.0, "LoRA dropout (0 = none; on CPU dropout costs ~15% of a training step).")
     epochs: float = _f(1.0, "Passes over the training set per adapter.")
+    continue_training: bool = _f(True, "A new adapter starts from the weights of the adapter that collected its round's data (same LoRA shape and base), so each round adds its pass to what that one learned; false: every adapter starts fresh.")
     learning_rate: float = _f(1e-3, "Peak learning rate (cosine decay); LoRA runs of under ~100 steps want 1e-3 (bench/learning.py).")
     train_batch_size: int = _f(8, "Conversations per training step; one company's, its system message computed once (shared prefix).")
     grad_accum: int = _f(1, "Gradient accumulation steps.")

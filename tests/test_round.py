@@ -117,3 +117,41 @@ def test_tau_is_fitted_on_training_companies_left_out_of_training(tiny_model_dir
     few = Runtime(store=store, packs=[p for p in packs if p.company.name in left_out or p.company.split == "heldout"], student=None,
                   teacher=None, train=None, model_dir=tmp_path, base_model="tiny", adapters_dir=tmp_path, settings=rt.settings, lora=rt.lora)
     assert few.left_out == frozenset() and few.validation_packs == few.train_packs  # 2 training companies: too few to leave any out
+
+
+def test_a_later_round_starts_from_the_adapter_that_collected(tiny_model_dir, tmp_path):
+    """With `continue_training`, the next adapter starts from the collecting adapter's weights when its
+    LoRA shape matches; another shape, or the setting off, trains a fresh one."""
+    from dataclasses import replace
+
+    from environments.builtin import build_packs
+    from loop.records import register_packs
+    from loop.round import RoundSettings, RoundSummary, Runtime, collect_demonstrations, ensure_base_evaluated, retrain
+    from loop.train import LoraSettings, train_adapter
+    from policies.hf import HFStudent
+    from policies.teacher import OracleTeacher
+
+    started = []
+
+    def train(model_dir, conversations, out_dir, settings):
+        started.append(settings.start_from)
+        return train_adapter(model_dir, conversations, out_dir, settings, progress=False)
+
+    store = Store.open(tmp_path / "a.db")
+    rt = Runtime(store=store, packs=build_packs(0), student=HFStudent(tiny_model_dir, max_new_tokens=16, batch_size=4),
+                 teacher=OracleTeacher(), train=train, model_dir=tiny_model_dir, base_model="tiny", adapters_dir=tmp_path / "adapters",
+                 settings=RoundSettings(eval_tickets=1, max_steps=6, calibration_tickets=1, validation_companies=0, collect_with="newest"),
+                 lora=LoraSettings(r=4, alpha=8, epochs=1, batch_size=4), progress=False)
+    register_packs(store, rt.packs)
+    ensure_base_evaluated(rt)
+    collect_demonstrations(rt, [(p, p.tickets[0]) for p in rt.train_packs[:2]], 1)
+    retrain(rt, 1, RoundSummary(1, "test"))  # nothing trained yet: fresh
+    retrain(rt, 2, RoundSummary(2, "test"))  # from v0001, the newest
+    rt.lora = replace(rt.lora, r=8)
+    retrain(rt, 3, RoundSummary(3, "test"))  # v0002's rank differs: fresh
+    rt.settings = replace(rt.settings, continue_training=False)
+    retrain(rt, 4, RoundSummary(4, "test"))
+    v1 = store.adapter("v0001").path
+    assert started == ["", v1, "", ""]
+    assert store.adapter("v0002").config["start_from"] == v1 and store.adapter("v0002").parent == "v0001"
+    assert [e.payload["start_from"] for e in store.events(kind="training_started")] == [None, "v0001", None, None]

@@ -2,6 +2,7 @@
 gradient), adapter weights change and base weights do not, the mask and the weights are right."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from loop.train import (
     encode,
     load_base,
     lora_config,
+    same_shape,
     shared_prefix_len,
     shared_prefix_loss,
     train_adapter,
@@ -281,3 +283,20 @@ def test_shared_prefix_is_exact_on_the_real_model():
         assert abs(shared_loss - loss) <= 1e-4 * abs(loss)
         worst = max(((shared_grads[n] - g).norm() / g.norm()).item() for n, g in grads.items())
         assert worst <= 1e-4, worst
+
+
+def test_a_new_adapter_starts_from_an_earlier_one_of_the_same_shape(tiny_model_dir, tmp_path):
+    settings = LoraSettings(r=4, alpha=8, epochs=1, batch_size=2, learning_rate=5e-3, max_length=256)
+    train_adapter(tiny_model_dir, [CONVERSATION] * 2, tmp_path / "v1", settings, progress=False)
+    earlier = load_file(tmp_path / "v1" / "adapter_model.safetensors")
+    # At learning rate 0 the new adapter is exactly where it started: the earlier one, or PEFT's fresh init (B = 0).
+    frozen = replace(settings, learning_rate=0.0)
+    train_adapter(tiny_model_dir, [CONVERSATION] * 2, tmp_path / "v2", replace(frozen, start_from=str(tmp_path / "v1")), progress=False)
+    continued = load_file(tmp_path / "v2" / "adapter_model.safetensors")
+    assert continued.keys() == earlier.keys() and all(torch.equal(continued[k], earlier[k]) for k in earlier)
+    train_adapter(tiny_model_dir, [CONVERSATION] * 2, tmp_path / "v3", frozen, progress=False)
+    assert all(v.abs().sum() == 0 for k, v in load_file(tmp_path / "v3" / "adapter_model.safetensors").items() if "lora_B" in k)
+    assert same_shape(tmp_path / "v1", settings) and not same_shape(tmp_path / "v1", replace(settings, r=8))
+    with pytest.raises(ValueError, match="does not fit this LoRA shape"):
+        train_adapter(tiny_model_dir, [CONVERSATION] * 2, tmp_path / "v4", replace(settings, r=8, start_from=str(tmp_path / "v1")),
+                      progress=False)
