@@ -17,6 +17,9 @@ after the other, each in a fresh process (so that its peak memory is its own):
   (`chunk_tokens = 512`): what bounding a step's memory costs;
 - "shared prefix, chunks, its forward twice" (also `recompute_prefix`): the prefix's forward without gradients
   first and again with them at the end, so its activations and a chunk's are never held together;
+- "shared prefix, each layer recomputed" (`recompute_layers`): every decoder layer of the rows' pass under
+  `checkpoint`, keeping its input for backward and computing its activations again there;
+- "shared prefix, chunks, its forward twice, each layer recomputed": all three memory bounds at once;
 - "shared prefix, LoRA on the top 15 layers" (`lora_layers = 15`): the lower half frozen, so backward stops halfway;
   a recipe change, measured here for speed only (whether held-out J holds is bench/learning.py's question).
 
@@ -130,6 +133,9 @@ def main() -> None:
         top = dataclasses.replace(base, lora_layers=TOP_LAYERS)
         for name, settings in [("unshared", unshared), (DEFAULT, base), (f"shared prefix, rows in chunks of {CHUNK}", chunks),
                                ("shared prefix, chunks, its forward twice", twice),
+                               ("shared prefix, each layer recomputed", dataclasses.replace(base, recompute_layers=True)),
+                               ("shared prefix, chunks, its forward twice, each layer recomputed",
+                                dataclasses.replace(twice, recompute_layers=True)),
                                (f"shared prefix, LoRA on the top {TOP_LAYERS} layers", top)]:
             r = in_fresh_process(train_adapter, model_dir, conversations, Path(tmp) / name.replace(" ", "-"), settings, progress=False)
             rows.append((name, r.steps, r.seconds, r.train_loss, r.peak_memory_gb))

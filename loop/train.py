@@ -20,13 +20,16 @@ common prefix takes the plain path.
 shared prefix and the packing cut those tokens about 3x at batch 8; `loss_backward` can then take
 the rows through backward in chunks of `chunk_tokens` past the prefix, against the prefix's keys
 and values held as leaves, and run the prefix's backward once at the end, so a step holds the
-prefix's activations and one chunk's, whatever the batch. Only the hidden states that predict a
-trained token reach the LM head (49k-wide). In float32, attention runs in SDPA's fused kernels,
+prefix's activations and one chunk's, whatever the batch. `recompute_layers` goes further: each
+decoder layer of the rows' pass runs under `checkpoint` and keeps only its input, its activations
+computed again in backward (one more forward of the rows); the prefix's keys and values reach it
+through a read-only `PrefixCache`, so the replay attends to the same. Only the hidden states that
+predict a trained token reach the LM head (49k-wide). In float32, attention runs in SDPA's fused kernels,
 which keep no T×T tensor; under bf16 autocast the suffixes' attention is written in matmuls, which
 bf16 speeds up where the fused CPU kernel gains nothing (`_prefix_keys_once`), and recomputed in
 backward rather than keeping its attention weights (~40% of what a step kept). Under bf16 the
 frozen linear weights are held in bf16 for the run (`hold_frozen_linears`), so a pass keeps no
-autocast copy of them. Both leave every number as it was (tested).
+autocast copy of them. All of these leave every number as it was (tested).
 
 TRL hosts all of it: `AssistantLossTrainer` is an `SFTTrainer` with its own collator, batch
 sampler and `training_step` (forward and backward by `loss_backward`); the Trainer keeps the
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import gc
 import json
 import os
@@ -93,6 +97,7 @@ class LoraSettings:
     share_prefix: bool = True  # one company's conversations per batch, its common prefix computed once
     chunk_tokens: int = 0  # a batch's rows go through backward in chunks of this many tokens past the shared prefix (0: all at once)
     recompute_prefix: bool = False  # the shared prefix's forward twice, so its activations and a chunk's are never held together
+    recompute_layers: bool = False  # the suffixes' decoder layers recomputed in backward: a layer keeps its input, not its activations
     precision: str = "auto"  # "bf16": bfloat16 autocast (float32 weights); "fp32"; "auto": bf16 where the hardware computes it natively
     start_from: str = ""  # an adapter folder of the same LoRA shape whose weights this one starts from ("": fresh)
 
@@ -258,6 +263,17 @@ SUFFIX_ROWS_ATTENTION = "apprentice_suffix_rows"
 AttentionInterface.register(SUFFIX_ROWS_ATTENTION, _suffix_rows_attention)
 
 
+@contextlib.contextmanager
+def _suffix_attention(decoder):
+    """The decoder's attention is `_suffix_rows_attention` while inside (it reads the config per call)."""
+    config, implementation = decoder.config, decoder.config._attn_implementation
+    config._attn_implementation = SUFFIX_ROWS_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = implementation
+
+
 def shared_prefix_loss(model, batch: dict[str, torch.Tensor], *, share: bool = True) -> torch.Tensor:
     """Weighted mean next-token loss over the labelled tokens of a right-padded batch (`collate`), in
     one graph (`loss_backward` computes the same in bounded memory).
@@ -273,7 +289,7 @@ def shared_prefix_loss(model, batch: dict[str, torch.Tensor], *, share: bool = T
 
 
 def loss_backward(model, batch: dict[str, torch.Tensor], *, share: bool = True, chunk_tokens: int = 0, recompute_prefix: bool = False,
-                  scale: float = 1.0, autocast=contextlib.nullcontext) -> float:
+                  recompute_layers: bool = False, scale: float = 1.0, autocast=contextlib.nullcontext) -> float:
     """Forward and backward of `shared_prefix_loss` × `scale`, the rows in chunks of at most
     `chunk_tokens` tokens past the prefix (0: one chunk); returns the loss. Gradients equal the
     one-graph computation's; what a step keeps for backward is the prefix's activations and one
@@ -281,6 +297,8 @@ def loss_backward(model, batch: dict[str, torch.Tensor], *, share: bool = True, 
     which collect the chunks' gradients, and the prefix's own backward runs last, on their sum.
     `recompute_prefix` runs the prefix without gradients first and again with them at the end, so
     its activations and a chunk's are never held together (one more prefix forward per step).
+    `recompute_layers` runs each decoder layer of the rows' pass under `checkpoint`: it keeps its
+    input for backward and computes its activations again there (one more forward of the rows).
     The forward passes run under `autocast()`, the backward passes outside it."""
     decoder, head = _decoder_and_head(model)
     P = shared_prefix_len(batch["input_ids"], batch["labels"]) if share else 0
@@ -297,9 +315,10 @@ def loss_backward(model, batch: dict[str, torch.Tensor], *, share: bool = True, 
                   for layer, trained in zip(cache.layers, _keys_trained(decoder))]
     weight, loss = _trained_weight(batch), 0.0
     for rows in _chunks([int(L) - P for L in batch["lengths"]], chunk_tokens):
-        with autocast():
-            part = _rows_loss_sum(decoder, head, batch, rows, P, DynamicCache(leaves, config=decoder.config) if P else None) / weight
-        (part * scale).backward()
+        with autocast(), _layers_recomputed(decoder) if recompute_layers else contextlib.nullcontext():
+            part = _rows_loss_sum(decoder, head, batch, rows, P, PrefixCache(leaves, config=decoder.config) if P else None) / weight
+        with _suffix_attention(decoder) if P and recompute_layers else contextlib.nullcontext():  # the layers' replay attends so too
+            (part * scale).backward()
         loss += part.item()
     if P:
         cache = prefix_cache() if recompute_prefix else cache
@@ -308,6 +327,27 @@ def loss_backward(model, batch: dict[str, torch.Tensor], *, share: bool = True, 
         if prefix:  # empty only when no weight of the decoder trains
             torch.autograd.backward(*zip(*prefix))
     return loss
+
+
+class PrefixCache(DynamicCache):
+    """The shared prefix's keys and values, read only: a layer gets them with its new tokens'
+    appended, and the cache keeps nothing new, so a layer recomputed in backward reads the same."""
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        layer = self.layers[layer_idx]
+        return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
+
+
+@contextlib.contextmanager
+def _layers_recomputed(decoder):
+    """Each decoder layer's forward under `checkpoint` (non-reentrant) while inside."""
+    for layer in decoder.layers:
+        layer.forward = functools.partial(checkpoint, type(layer).forward.__get__(layer), use_reentrant=False)
+    try:
+        yield
+    finally:
+        for layer in decoder.layers:
+            del layer.forward
 
 
 def _keys_trained(decoder) -> list[bool]:
@@ -351,13 +391,9 @@ def _rows_loss_sum(decoder, head, batch: dict[str, torch.Tensor], rows: list[int
     else:
         ids_S = torch.cat([input_ids_B_T[b, P:L] for b, L in enumerate(lengths)])
         positions_S = torch.cat([torch.arange(P, L, device=ids_S.device) for L in lengths])
-        config, implementation = decoder.config, decoder.config._attn_implementation
-        config._attn_implementation = SUFFIX_ROWS_ATTENTION
-        try:
+        with _suffix_attention(decoder):
             hidden_S_D = decoder(input_ids=ids_S[None], position_ids=positions_S[None], cache=cache, use_cache=True,
                                  suffix_rows=[L - P for L in lengths]).last_hidden_state[0]
-        finally:
-            config._attn_implementation = implementation
         # Token s of row b predicts that row's next token; the row's last token predicts nothing.
         no_target = torch.tensor([-100], device=ids_S.device)
         targets_S = torch.cat([torch.cat([labels_B_T[b, P + 1 : L], no_target]) for b, L in enumerate(lengths)])
@@ -385,7 +421,8 @@ class AssistantLossTrainer(SFTTrainer):
         model.train()
         scale = 1 / self.current_gradient_accumulation_steps
         loss = loss_backward(model, self._prepare_inputs(inputs), share=self.lora.share_prefix, chunk_tokens=self.lora.chunk_tokens,
-                             recompute_prefix=self.lora.recompute_prefix, scale=scale, autocast=self.accelerator.autocast)
+                             recompute_prefix=self.lora.recompute_prefix, recompute_layers=self.lora.recompute_layers, scale=scale,
+                             autocast=self.accelerator.autocast)
         return torch.tensor(loss * scale, device=self.args.device)
 
 

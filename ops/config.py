@@ -64,6 +64,7 @@ class Config:
     grad_accum: int = _f(1, "Gradient accumulation steps.")
     train_chunk_tokens: int = _f(0, "A training step's rows go through backward in chunks of about this many tokens past the shared prefix, which bounds its memory (512: 5.5 GB instead of 8.6 at batch 8, and ~20% slower: bench/train.py); 0 = all at once.")
     train_recompute_prefix: bool = _f(False, "Compute the shared prefix's forward twice per step, so its activations and a chunk's are never held at once: less memory, a slower step.")
+    train_recompute_layers: bool = _f(False, "Recompute each decoder layer of a step's rows in backward, keeping only its input: far less memory, one more forward of the rows (bench/train.py).")
     decision_weight: float = _f(1.0, "Loss weight of the tokens that carry the decision (the action name and the reason code); 1 = plain mean.")
     lora_layers: int = _f(0, "LoRA on the top N decoder layers only; 0 = every layer.")
     max_length: int = _f(1024, "Longest training conversation in tokens (longer ones are truncated).")

@@ -63,6 +63,7 @@ def lora_settings(cfg: Config) -> LoraSettings:
                         max_length=cfg.max_length, load_in_4bit=cfg.load_in_4bit, seed=cfg.seed,
                         decision_weight=cfg.decision_weight, lora_layers=cfg.lora_layers,
                         chunk_tokens=cfg.train_chunk_tokens, recompute_prefix=cfg.train_recompute_prefix,
+                        recompute_layers=cfg.train_recompute_layers,
                         precision=cfg.train_precision)
 
 

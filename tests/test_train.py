@@ -1,6 +1,7 @@
 """Training on the tiny model: the shared-prefix loss equals the unshared one (loss and every LoRA
 gradient), adapter weights change and base weights do not, the mask and the weights are right."""
 
+import functools
 import json
 from dataclasses import replace
 
@@ -77,7 +78,8 @@ def lora_model(model_dir, *, load_in_4bit=False, lora_layers=0):
     return model
 
 
-def loss_and_grads(model, batch, share: bool, chunk_tokens: int | None = None, recompute_prefix: bool = False):
+def loss_and_grads(model, batch, share: bool, chunk_tokens: int | None = None, recompute_prefix: bool = False,
+                   recompute_layers: bool = False):
     """With `chunk_tokens`, as the trainer computes them (`loss_backward`); without, in one graph."""
     model.zero_grad()
     if chunk_tokens is None:
@@ -85,7 +87,8 @@ def loss_and_grads(model, batch, share: bool, chunk_tokens: int | None = None, r
         loss.backward()
         loss = loss.item()
     else:
-        loss = train.loss_backward(model, batch, share=share, chunk_tokens=chunk_tokens, recompute_prefix=recompute_prefix)
+        loss = train.loss_backward(model, batch, share=share, chunk_tokens=chunk_tokens, recompute_prefix=recompute_prefix,
+                                   recompute_layers=recompute_layers)
     return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -99,16 +102,20 @@ def test_shared_prefix_loss_and_every_lora_gradient_equal_the_unshared(tiny_mode
         shared_prefix_loss(model, batch)
     loss, grads = loss_and_grads(model, batch, share=False)
     assert grads.keys() and all(g.abs().sum() > 0 for g in grads.values())
-    # one graph; the trainer's way in one chunk, in chunks of one or two rows, recomputing the prefix; unshared in chunks
+    # one graph; the trainer's way in one chunk, in chunks of one or two rows, recomputing the prefix, recomputing
+    # every layer of the rows' pass (alone and with both others); unshared in chunks, and recomputing its layers
     suffixes = (batch["lengths"] - P).tolist()
     assert len(train._chunks(suffixes, max(suffixes) + min(suffixes))) in (2, 3)
-    for share, chunk_tokens, recompute in [(True, None, False), (True, 0, False), (True, max(suffixes) + min(suffixes), False),
-                                           (True, 1, False), (True, 1, True), (False, 1, False)]:
-        other_loss, other_grads = loss_and_grads(model, batch, share=share, chunk_tokens=chunk_tokens, recompute_prefix=recompute)
-        assert abs(other_loss - loss) <= 1e-4 * abs(loss), (share, chunk_tokens, recompute)
+    for share, chunk_tokens, recompute, layers in [(True, None, False, False), (True, 0, False, False),
+                                                   (True, max(suffixes) + min(suffixes), False, False), (True, 1, False, False),
+                                                   (True, 1, True, False), (True, 0, False, True), (True, 1, True, True),
+                                                   (False, 1, False, False), (False, 0, False, True)]:
+        other_loss, other_grads = loss_and_grads(model, batch, share=share, chunk_tokens=chunk_tokens, recompute_prefix=recompute,
+                                                 recompute_layers=layers)
+        assert abs(other_loss - loss) <= 1e-4 * abs(loss), (share, chunk_tokens, recompute, layers)
         assert other_grads.keys() == grads.keys()
         for name, g in grads.items():
-            assert (other_grads[name] - g).norm() <= 1e-4 * g.norm(), (share, chunk_tokens, name)
+            assert (other_grads[name] - g).norm() <= 1e-4 * g.norm(), (share, chunk_tokens, recompute, layers, name)
 
 
 def test_chunks_keep_order_and_stay_within_the_budget():
@@ -187,6 +194,23 @@ def test_a_bf16_step_keeps_less_for_backward_and_computes_the_same(tiny_model_di
     assert loss == full_loss and grads.keys() == full_grads.keys()
     assert all(torch.equal(g, full_grads[n]) for n, g in grads.items())
     assert kept < 0.8 * full_kept, (kept, full_kept)
+
+
+def test_recomputing_the_layers_under_bf16_computes_the_same(tiny_model_dir, tokenizer):
+    """The trainer's bf16 step with every layer of the rows' pass recomputed in backward (the
+    attention's own recompute nested inside): the same loss and LoRA gradients, bit for bit."""
+    batch = collate([vars(encode(tokenizer, c, max_length=1024)) for c in conversations(4)])
+    model = lora_model(tiny_model_dir)
+    train.hold_frozen_linears(model, torch.bfloat16)
+    bf16 = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
+    results = []
+    for layers in (False, True):
+        model.zero_grad()
+        loss = train.loss_backward(model, batch, chunk_tokens=0, recompute_layers=layers, autocast=bf16)
+        results.append((loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (loss, grads), (again, regrads) = results
+    assert loss == again and all(torch.equal(g, regrads[n]) for n, g in grads.items())
+    assert all("forward" not in vars(layer) for layer in train._decoder_and_head(model)[0].layers)  # unwrapped after the step
 
 
 def test_company_batches_hold_one_company_and_cover_every_conversation_each_pass():
