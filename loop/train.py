@@ -342,7 +342,7 @@ class PrefixCache(DynamicCache):
 def _layers_recomputed(decoder):
     """Each decoder layer's forward under `checkpoint` (non-reentrant) while inside."""
     for layer in decoder.layers:
-        layer.forward = functools.partial(checkpoint, type(layer).forward.__get__(layer), use_reentrant=False)
+        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
     try:
         yield
     finally:
@@ -466,7 +466,9 @@ def hold_frozen_linears(model, dtype: torch.dtype) -> None:
 
 
 def lora_config(settings: LoraSettings, n_layers: int) -> LoraConfig:
-    layers = list(range(n_layers - settings.lora_layers, n_layers)) if settings.lora_layers else None
+    """LoRA on the attention and MLP projections of the top `lora_layers` decoder layers (0, or at
+    least the model's depth: every layer)."""
+    layers = list(range(n_layers - settings.lora_layers, n_layers)) if 0 < settings.lora_layers < n_layers else None
     return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, task_type="CAUSAL_LM",
                       target_modules=LORA_MODULES, layers_to_transform=layers)
 

@@ -276,6 +276,8 @@ def test_lora_on_the_top_layers_only(tiny_model_dir, tmp_path):
     train_adapter(tiny_model_dir, [CONVERSATION] * 2, tmp_path / "top", settings, progress=False)
     layers = {k.split("layers.")[1].split(".")[0] for k in load_file(tmp_path / "top" / "adapter_model.safetensors")}
     assert layers == {"1"}  # the tiny model has layers 0 and 1
+    for deeper_than_the_model in (2, 15):
+        assert lora_config(replace(settings, lora_layers=deeper_than_the_model), 2).layers_to_transform is None
 
 
 def test_qlora_4bit_training_on_cpu(tiny_model_dir, tmp_path):
