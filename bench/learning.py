@@ -282,7 +282,7 @@ def main() -> None:
         "",
         f"`bench/learning.py {' '.join(f'--{k.replace(chr(95), chr(45))} {v}' for k, v in vars(args).items())}`",
         "",
-        f"Real SmolLM2-135M, LoRA r 16 on all linear layers, batch {args.batch}, shared-prefix trainer, {torch.get_num_threads()} threads,",
+        f"Real SmolLM2-135M, LoRA r 16 on every layer (-top15: the top 15 of 30), batch {args.batch}, shared-prefix trainer, {torch.get_num_threads()} threads,",
         f"{os.cpu_count()} CPU cores. Whole run: {(time.perf_counter() - clock) / 60:.0f} min.",
         (f"Validation: {len(val_work)} tickets of {', '.join(sorted(left_out))}, training companies left out of training "
          f"(under policy numbers drawn with seed {args.val_seed}); τ is fitted there." if left_out else
