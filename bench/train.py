@@ -1,8 +1,8 @@
 """Training throughput: shared-prefix batches against the trainer apprentice had before, side by side.
 
-    .venv/bin/python bench/train.py [--demos 64] [--epochs 1] [--batch 8]
+    .venv/bin/python bench/train.py [--demos 64] [--epochs 1] [--batch 8] [--variants default,top,top-bounded] [--name train]
 
-Every variant trains a fresh LoRA adapter (r 16, all linear layers) with the real SmolLM2-135M on
+Every variant trains a fresh LoRA adapter (r 16, every layer unless it says) with the real SmolLM2-135M on
 the same oracle demonstrations of built-in training tickets (drawn as a round draws them), one
 after the other, each in a fresh process (so that its peak memory is its own):
 
@@ -20,8 +20,9 @@ after the other, each in a fresh process (so that its peak memory is its own):
 - "shared prefix, each layer recomputed" (`recompute_layers`): every decoder layer of the rows' pass under
   `checkpoint`, keeping its input for backward and computing its activations again there;
 - "shared prefix, chunks, its forward twice, each layer recomputed": all three memory bounds at once;
-- "shared prefix, LoRA on the top 15 layers" (`lora_layers = 15`): the lower half frozen, so backward stops halfway;
-  a recipe change, measured here for speed only (whether held-out J holds is bench/learning.py's question).
+- "shared prefix, LoRA on the top 15 layers" (`lora_layers = 15`; as good as every layer for a fresh adapter in
+  bench/learning.py, worse on validation in the main command's continued second round): the lower half frozen, so backward stops halfway;
+- the same with all three memory bounds.
 
 Every variant autocasts to bfloat16 where `train_precision = "auto"` does (a CPU with AMX or AVX-512 BF16):
 TRL's SFTConfig turns bf16 on by default, so "before" always ran that way (bench/step.py compares
@@ -105,12 +106,37 @@ def in_fresh_process(fn, *args, **kwargs):
         return pool.submit(fn, *args, **kwargs).result()
 
 
+def variants(base: LoraSettings) -> dict[str, tuple[str, LoraSettings | None]]:
+    """Key -> (the report's name, the settings; None for "before")."""
+    chunks = dataclasses.replace(base, chunk_tokens=CHUNK)
+    twice = dataclasses.replace(chunks, recompute_prefix=True)
+    bounded = dataclasses.replace(twice, recompute_layers=True)
+    return {
+        "before": ("before (batch 4 x 2 accumulation)", None),
+        "unshared": ("unshared", dataclasses.replace(chunks, share_prefix=False)),
+        "default": (DEFAULT, base),
+        "chunks": (f"shared prefix, rows in chunks of {CHUNK}", chunks),
+        "twice": ("shared prefix, chunks, its forward twice", twice),
+        "layers": ("shared prefix, each layer recomputed", dataclasses.replace(base, recompute_layers=True)),
+        "bounded": ("shared prefix, chunks, its forward twice, each layer recomputed", bounded),
+        "top": (f"shared prefix, LoRA on the top {TOP_LAYERS} layers", dataclasses.replace(base, lora_layers=TOP_LAYERS)),
+        "top-bounded": (f"shared prefix, LoRA on the top {TOP_LAYERS} layers, chunks, its forward twice, each layer recomputed",
+                        dataclasses.replace(bounded, lora_layers=TOP_LAYERS)),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--demos", type=int, default=64, help="oracle demonstrations to train on")
     parser.add_argument("--epochs", type=float, default=1.0, help="passes over them")
     parser.add_argument("--batch", type=int, default=8, help="conversations per optimizer step")
+    parser.add_argument("--variants", default=",".join(variants(LoraSettings())),
+                        help="comma-separated, of " + ", ".join(variants(LoraSettings())) + " (default: all)")
+    parser.add_argument("--name", default="train", help="report name under bench/reports/")
     args = parser.parse_args()
+    keys = args.variants.split(",")
+    if unknown := set(keys) - set(variants(LoraSettings())):
+        parser.error(f"unknown variant(s) {sorted(unknown)}")
     torch.set_num_threads(os.cpu_count() or 1)
 
     packs = [p for p in build_packs(0) if p.company.split == "train"]
@@ -123,39 +149,38 @@ def main() -> None:
     n = len(conversations) * args.epochs
     base = LoraSettings(epochs=args.epochs, batch_size=args.batch, learning_rate=1e-3)
 
-    rows = []  # (name, steps, seconds, loss, peak GB)
-    before = in_fresh_process(train_before, model_dir, conversations, base)
-    rows.append(("before (batch 4 x 2 accumulation)", before["steps"], before["seconds"], before["loss"], before["peak"]))
+    rows = []  # (key, name, steps, seconds, loss, peak GB)
     with tempfile.TemporaryDirectory() as tmp:
-        chunks = dataclasses.replace(base, chunk_tokens=CHUNK)
-        unshared = dataclasses.replace(chunks, share_prefix=False)
-        twice = dataclasses.replace(chunks, recompute_prefix=True)
-        top = dataclasses.replace(base, lora_layers=TOP_LAYERS)
-        for name, settings in [("unshared", unshared), (DEFAULT, base), (f"shared prefix, rows in chunks of {CHUNK}", chunks),
-                               ("shared prefix, chunks, its forward twice", twice),
-                               ("shared prefix, each layer recomputed", dataclasses.replace(base, recompute_layers=True)),
-                               ("shared prefix, chunks, its forward twice, each layer recomputed",
-                                dataclasses.replace(twice, recompute_layers=True)),
-                               (f"shared prefix, LoRA on the top {TOP_LAYERS} layers", top)]:
-            r = in_fresh_process(train_adapter, model_dir, conversations, Path(tmp) / name.replace(" ", "-"), settings, progress=False)
-            rows.append((name, r.steps, r.seconds, r.train_loss, r.peak_memory_gb))
-    reference, default = rows[0][2], next(s for name, _, s, _, _ in rows if name == DEFAULT)
+        for key in keys:
+            name, settings = variants(base)[key]
+            if settings is None:
+                r = in_fresh_process(train_before, model_dir, conversations, base)
+                rows.append((key, name, r["steps"], r["seconds"], r["loss"], r["peak"]))
+            else:
+                r = in_fresh_process(train_adapter, model_dir, conversations, Path(tmp) / key, settings, progress=False)
+                rows.append((key, name, r.steps, r.seconds, r.train_loss, r.peak_memory_gb))
+    seconds = {key: s for key, _, _, s, _, _ in rows}
+    reference_key = next((k for k in ("before", "default") if k in seconds), rows[0][0])
+    reference = seconds[reference_key]
     lines = [
         "# Training throughput: shared-prefix batches vs the previous trainer",
         "",
         f"{len(conversations)} oracle demonstrations of built-in training tickets ({tokens:,} tokens per epoch counted unshared),",
-        f"{args.epochs:g} epoch(s), {args.batch} conversations per optimizer step, LoRA r 16 on all linear layers, learning rate 1e-3,",
+        f"{args.epochs:g} epoch(s), {args.batch} conversations per optimizer step, LoRA r 16 (every layer unless a variant says),"
+        " learning rate 1e-3,",
         f"real SmolLM2-135M, float32 weights, {'bf16 autocast' if train.use_bf16('auto', 'cpu') else 'no bf16 units: float32'}, "
         f"{torch.get_num_threads()} torch threads, CPU: {os.cpu_count()} cores.",
-        "All variants ran one after the other, each in a fresh process, on the same conversations (`bench/train.py`).",
+        f"Variants ran one after the other, each in a fresh process, on the same conversations (`bench/train.py --demos {args.demos}"
+        f" --variants {args.variants}`). Speed-up: against {variants(base)[reference_key][0]}.",
         "",
         "| variant | steps | seconds | conversations/s | tokens/s (as if unshared) | train loss | peak memory | speed-up |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     lines += [f"| {name} | {steps} | {s:.0f} | {n / s:.3f} | {tokens / s:.0f} | {loss:.3f} | {peak:.1f} GB | {reference / s:.2f}x |"
-              for name, steps, s, loss, peak in rows]
-    lines += ["", f"shared-prefix speed-up: {reference / default:.2f}x"]
-    publish("train", lines)
+              for _, name, steps, s, loss, peak in rows]
+    if "before" in seconds and "default" in seconds:
+        lines += ["", f"shared-prefix speed-up: {seconds['before'] / seconds['default']:.2f}x"]
+    publish(args.name, lines)
 
 
 if __name__ == "__main__":

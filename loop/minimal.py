@@ -53,7 +53,7 @@ def minimal_loop(rounds: int, tickets: int, eval_tickets: int, model: str, out: 
         conversations += [training_messages(e) for e in kept]
         adapter = out / f"round{round_no}"
         # from the weights of the adapter that collected (none in round 1): each round adds its pass
-        settings = LoraSettings(epochs=1, learning_rate=1e-3, lora_layers=15, start_from=str(best_adapter or ""))
+        settings = LoraSettings(epochs=1, learning_rate=1e-3, start_from=str(best_adapter or ""))
         result = train_adapter(model_dir, conversations, adapter, settings)
         student.load_adapter(adapter)
         save_operating_point(fit_operating_point(student, train_packs), adapter)  # τ on validation tickets
