@@ -130,12 +130,12 @@ def main() -> None:
     parser.add_argument("--demos", type=int, default=64, help="oracle demonstrations to train on")
     parser.add_argument("--epochs", type=float, default=1.0, help="passes over them")
     parser.add_argument("--batch", type=int, default=8, help="conversations per optimizer step")
-    parser.add_argument("--variants", default=",".join(variants(LoraSettings())),
-                        help="comma-separated, of " + ", ".join(variants(LoraSettings())) + " (default: all)")
+    known = list(variants(LoraSettings()))
+    parser.add_argument("--variants", default=",".join(known), help=f"comma-separated, of {', '.join(known)} (default: all)")
     parser.add_argument("--name", default="train", help="report name under bench/reports/")
     args = parser.parse_args()
     keys = args.variants.split(",")
-    if unknown := set(keys) - set(variants(LoraSettings())):
+    if unknown := set(keys) - set(known):
         parser.error(f"unknown variant(s) {sorted(unknown)}")
     torch.set_num_threads(os.cpu_count() or 1)
 

@@ -324,12 +324,14 @@ class _Drafter:
         else:
             days = self.rng.choice((w + 1, w + 3, self.rng.randint(w + 1, 3 * w)))
         text = self._fill(words.REFUND_ASKS, days=str(days))
-        ask = f"Refund {days} days after purchase"
+        # Both numbers are written before the word that compares them: a small student copies a number
+        # from the prompt far more reliably than it compares two it has not written down.
+        ask = f"Refund {days} days after purchase; refunds within {w} days; {days} is"
         if inside:
             return self._answer(self.faqs["refunds"], text, intent="refund_request", tags=("boundary",),
-                                rationale=f"{ask}; policy: within {w} days, explain the refund policy.")
+                                rationale=f"{ask} within {w}: explain the refund policy.")
         return _Turn(text, "refund_request", "escalate", "billing_exception", articles=("kb-refunds",), tags=("boundary",),
-                     rationale=f"{ask}; policy: later than {w} days, escalate billing_exception.")
+                     rationale=f"{ask} more than {w}: escalate billing_exception.")
 
     def seats(self, above: bool) -> _Turn:
         """The same request on either side of this company's enterprise threshold."""
@@ -339,12 +341,12 @@ class _Drafter:
         else:
             count = self.rng.choice((limit, limit - 1, self.rng.randint(2, limit - 1)))
         text = self._fill(words.SEAT_ASKS, n=str(count))
-        ask, units = f"Price for {count} {self.d.units}", self.d.units
+        ask = f"Price for {count} {self.d.units}; self-serve up to {limit}; {count} is"
         if above:
             return _Turn(text, "team_pricing", "escalate", "enterprise_sales", articles=("kb-team-pricing",), tags=("boundary",),
-                         rationale=f"{ask}; policy: more than {limit} {units}, escalate enterprise_sales.")
+                         rationale=f"{ask} more than {limit}: escalate enterprise_sales.")
         return self._answer(self.faqs["team-pricing"], text, intent="team_pricing", tags=("boundary",),
-                            rationale=f"{ask}; policy: up to {limit} {units}, quote the price.")
+                            rationale=f"{ask} within {limit}: quote the price.")
 
     def cancel_howto(self) -> _Turn:
         faq = self.faqs["cancel"]

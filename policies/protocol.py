@@ -37,7 +37,7 @@ ACTION_CONTRACT = (
 # shape the oracle writes and the student learns from.
 THOUGHT_GUIDE = (
     'The "thought" is one short sentence written after the action and its args: what the customer wants and the '
-    'policy clause that decides it, e.g. "Refund 45 days after purchase; policy: later than 35 days, escalate billing_exception."'
+    'policy clause that decides it, with any numbers it compares written before the comparison, e.g. "Refund 45 days after purchase; refunds within 35 days; 45 is more than 35: escalate billing_exception."'
 )
 
 
