@@ -324,8 +324,8 @@ class _Drafter:
         else:
             days = self.rng.choice((w + 1, w + 3, self.rng.randint(w + 1, 3 * w)))
         text = self._fill(words.REFUND_ASKS, days=str(days))
-        # Both numbers are written before the word that compares them: a small student copies a number
-        # from the prompt far more reliably than it compares two it has not written down.
+        # Both numbers come before the word that compares them, so the comparison sees them written
+        # (README, "Numbers before the comparison": validation J 0.78 against 0.44 for the old words).
         ask = f"Refund {days} days after purchase; refunds within {w} days; {days} is"
         if inside:
             return self._answer(self.faqs["refunds"], text, intent="refund_request", tags=("boundary",),
