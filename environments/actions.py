@@ -48,11 +48,12 @@ class Action(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    # Serialized in this order: the decision first, then the rationale that backs it (measured
-    # against rationale-first by bench/learning.py; parsing accepts any order).
+    # Serialized in this order: the rationale first, then the decision it leads to, so a boundary
+    # ticket's numbers are compared in text before the action is chosen (README, "Numbers before
+    # the comparison"; parsing accepts any order).
+    thought: str = Field(default="", description="Short private reasoning.")
     action: ActionName
     args: dict[str, Any] = Field(default_factory=dict)
-    thought: str = Field(default="", description="Short private reasoning.")
     message: str = Field(default="", description="Text for the customer, or empty.")
 
     @model_validator(mode="after")
