@@ -116,6 +116,7 @@ class HFStudent:
         self._brace_token_ids: torch.Tensor | None = None  # built on first json_mode use
         self._action_ids = action_first_token_ids(self.tokenizer)
         self._reason_ids = reason_token_ids(self.tokenizer)
+        self._action_names = action_token_ids(self.tokenizer)
         torch.manual_seed(seed)
         if adapter is not None:
             self.load_adapter(adapter)
@@ -211,7 +212,7 @@ class HFStudent:
             batch["cache"] = cache
         prompt_len = batch["input_ids"].shape[1]  # cached prefix included: generate returns whole rows
         sampling = {"do_sample": True, "temperature": self.temperature} if self.temperature > 0 else {"do_sample": False}
-        gate = EscalationGate(self.tokenizer, self._action_ids, prompt_len, self.threshold, B, self._reason_ids)
+        gate = EscalationGate(self.tokenizer, self._action_ids, prompt_len, self.threshold, B, self._reason_ids, self._action_names)
         processors, stops = LogitsProcessorList([gate]), StoppingCriteriaList()
         if self.json_mode:
             processors.append(_StartWithBrace(self._brace_ids(), prompt_len))
@@ -296,7 +297,7 @@ def _continuations(tokenizer, lead: str, words) -> list[list[int]]:
 
 def action_first_token_ids(tokenizer) -> torch.Tensor:
     """The first token of each action name as it follows `"action":"` (in `ACTIONS` order)."""
-    ids = [tokens[0] for tokens in _continuations(tokenizer, '{"action":"', ACTIONS)]
+    ids = [tokens[0] for tokens in action_token_ids(tokenizer)]
     if len(set(ids)) != len(ids):
         raise ValueError("this tokenizer does not start every action name with its own token; p(escalate) is undefined")
     return torch.tensor(ids)
@@ -312,49 +313,53 @@ def reason_token_ids(tokenizer) -> list[list[int]]:
     return _continuations(tokenizer, '"reason":"', REASONS)
 
 
+def action_token_ids(tokenizer) -> list[list[int]]:
+    """Each action name's tokens as they follow `"action":"` (in `ACTIONS` order)."""
+    return _continuations(tokenizer, '{"action":"', ACTIONS)
+
+
 class EscalationGate(LogitsProcessor):
     """The escalation decision while the student decodes. At the first token of each row's action
-    name: records p(escalate) (see the module docstring) and, with a threshold τ, allows only
-    `escalate` when p ≥ τ and anything but `escalate` otherwise. Inside a `"reason"` value: allows
-    only tokens that continue one of the reason codes, so an escalation (τ's above all, which may
-    overrule the student's own choice) names a reason the protocol knows."""
+    name: records p(escalate) (see the module docstring) and, with a threshold τ, lets the row spell
+    only `escalate` when p ≥ τ and only one of the other action names otherwise. Without that, a
+    student whose thought argued for escalating and whom τ holds back writes a name that does not
+    exist. Inside a `"reason"` value: allows only tokens that continue one of the reason codes, so
+    an escalation (τ's above all, which may overrule the student's own choice) names a reason the
+    protocol knows."""
 
     def __init__(self, tokenizer, action_ids: torch.Tensor, prompt_len: int, threshold: float | None, rows: int,
-                 reason_ids: list[list[int]] | None = None):
+                 reason_ids: list[list[int]] | None = None, action_names: list[list[int]] | None = None):
         self.tokenizer, self.action_ids, self.prompt_len, self.threshold = tokenizer, action_ids, prompt_len, threshold
         self.reason_ids = reason_ids if reason_ids is not None else reason_token_ids(tokenizer)
+        self.action_names = action_names if action_names is not None else action_token_ids(tokenizer)
         self.p_escalate: list[float | None] = [None] * rows
-        self.reason_start: dict[int, int] = {}  # row -> position where its open reason value began
+        # row -> (position where its open value began, the token sequences it may spell there)
+        self.spelling: dict[int, tuple[int, list[list[int]]]] = {}
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if input_ids.shape[1] - self.prompt_len < 2:
             return scores
         tails = self.tokenizer.batch_decode(input_ids[:, -4:])  # `"reason": "` is 4 tokens
         for row, tail in enumerate(tails):
-            if row not in self.reason_start and tail.endswith(_REASON_FIELD):
-                self.reason_start[row] = input_ids.shape[1]
-            if row in self.reason_start:
-                self._continue_a_reason(row, input_ids[row, self.reason_start[row]:].tolist(), scores)
-            if self.p_escalate[row] is not None or not tail.endswith(_ACTION_FIELD):
-                continue
-            ids = self.action_ids.to(scores.device)
-            p = torch.softmax(scores[row, ids].float(), dim=-1)[ESCALATE].item()
-            self.p_escalate[row] = p
-            if self.threshold is not None:
-                escalate = ids[ESCALATE]
-                if p >= self.threshold:
-                    kept = scores[row, escalate].clone()
-                    scores[row] = float("-inf")
-                    scores[row, escalate] = kept
-                else:
-                    scores[row, escalate] = float("-inf")
+            if row not in self.spelling and tail.endswith(_REASON_FIELD):
+                self.spelling[row] = (input_ids.shape[1], self.reason_ids)
+            if self.p_escalate[row] is None and tail.endswith(_ACTION_FIELD):
+                ids = self.action_ids.to(scores.device)
+                p = torch.softmax(scores[row, ids].float(), dim=-1)[ESCALATE].item()
+                self.p_escalate[row] = p
+                if self.threshold is not None:
+                    names = [n for i, n in enumerate(self.action_names) if (i == ESCALATE) == (p >= self.threshold)]
+                    self.spelling[row] = (input_ids.shape[1], names)
+            if row in self.spelling:
+                start, words = self.spelling[row]
+                self._spell(row, words, input_ids[row, start:].tolist(), scores)
         return scores
 
-    def _continue_a_reason(self, row: int, written: list[int], scores: torch.FloatTensor) -> None:
+    def _spell(self, row: int, words: list[list[int]], written: list[int], scores: torch.FloatTensor) -> None:
         k = len(written)
-        allowed = sorted({code[k] for code in self.reason_ids if len(code) > k and code[:k] == written})
-        if not allowed:  # a whole code is written: the row goes on freely (closing quote)
-            del self.reason_start[row]
+        allowed = sorted({word[k] for word in words if len(word) > k and word[:k] == written})
+        if not allowed:  # a whole word is written: the row goes on freely (closing quote)
+            del self.spelling[row]
             return
         kept = scores[row, allowed].clone()
         scores[row] = float("-inf")

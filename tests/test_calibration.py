@@ -4,6 +4,7 @@ student decodes, fitting τ on validation tickets only, and the plot."""
 import pytest
 import torch
 
+from environments.actions import ACTIONS
 from environments.builtin import build_packs
 from loop.calibration import fit_operating_point, fit_threshold, plot_calibration
 from loop.evaluate import validation_tickets
@@ -99,7 +100,29 @@ def test_the_gate_keeps_an_escalation_reason_to_the_known_codes(smollm2_tokenize
         ids.append(int(gate(torch.tensor([ids]), scores)[0].argmax()))
     value = tok.decode(ids).split(field, 1)[1]
     assert value.startswith("churn_risk") and value != "churn_risk"  # the code, then a free token
-    assert gate.reason_start == {}
+    assert gate.spelling == {}
+
+
+@pytest.mark.parametrize("p, tau, action", [(0.9, 0.95, "reply"), (0.3, 0.2, "escalate")])
+def test_the_gate_spells_an_action_name_on_its_side_of_tau(smollm2_tokenizer, p, tau, action):
+    """A student whose thought argued for escalating, held back by τ, favours a name that does not
+    exist ("encouraging", seen in the main command) over every real one: the gate spells the best
+    real name on τ's side, `reply` here, then lets the row go on."""
+    from policies.hf import action_token_ids
+
+    tok = smollm2_tokenizer
+    ids = tok.encode('{"thought":"Refund 52 days after purchase; 52 is more than 35.","action":"', add_special_tokens=False)
+    gate = EscalationGate(tok, action_first_token_ids(tok), 0, tau, rows=1)
+    junk = tok.encode("encouraging", add_special_tokens=False)
+    wanted = action_token_ids(tok)[ACTIONS.index(action)]
+    for step in range(len(wanted) + 1):
+        scores = gate_scores(tok, p) if step == 0 else torch.zeros(1, len(tok))
+        scores[0, junk[min(step, len(junk) - 1)]] = 9.0  # the off-protocol name
+        scores[0, wanted[min(step, len(wanted) - 1)]] += 1.0  # the best real name on τ's side
+        ids.append(int(gate(torch.tensor([ids]), scores)[0].argmax()))
+    value = tok.decode(ids).split('"action":"', 1)[1]
+    assert value.startswith(action) and value != action  # the name, then a free token
+    assert gate.spelling == {}
 
 
 class OpeningScorer:
