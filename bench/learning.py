@@ -24,8 +24,8 @@ reported numbers. Validation chooses; the held-out companies only report.
 Variants (the training data differ only in the oracle's thought and the key order):
   terse         the oracle's old thoughts ("Policy says escalate: X.", "Look up the policy."), written first
   rationale     the thought names what the customer wants and the policy clause that decides it, written
-                first: {"thought", "action", "args", "message"} (apprentice's order)
-  action-first  the rationale, after the action: {"action", "args", "thought", "message"}
+                first: {"thought", "action", "args", "message"}
+  action-first  the rationale, after the action: {"action", "args", "thought", "message"} (apprentice's order)
   *-redraw      the same, on the training companies under 5 draws of their policy numbers (seeds seed..seed+4,
                 environments.builtin.build_packs): the same refund window never decides every ticket of a company,
                 so a threshold learnt per company fails and reading the policy pays

@@ -48,12 +48,12 @@ class Action(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    # Serialized in this order: the rationale first, then the decision it leads to, so a boundary
-    # ticket's numbers are compared in text before the action is chosen (README, "Numbers before
-    # the comparison"; parsing accepts any order).
-    thought: str = Field(default="", description="Short private reasoning.")
+    # Serialized in this order: the decision first, then the rationale that backs it. Rationale
+    # first makes p(escalate), read after the thought, nearly 0 or 1, and τ then has nothing to
+    # trade (README, "Two rounds"); parsing accepts any order.
     action: ActionName
     args: dict[str, Any] = Field(default_factory=dict)
+    thought: str = Field(default="", description="Short private reasoning.")
     message: str = Field(default="", description="Text for the customer, or empty.")
 
     @model_validator(mode="after")

@@ -14,11 +14,11 @@ prefix and numbers positions from the attention mask, so the suffix continues ri
 
 **p(escalate)** at a decision state is the student's own probability of choosing `escalate` as its
 next action: at the first token of the value of its step's `"action"` field (the step's first
-field (written after the step's thought, so reading it costs the thought's generated tokens), the probability of the token
+field in the protocol's order, so it costs a few generated tokens), the probability of the token
 that begins `escalate`, renormalised over the first tokens of the six action names.
 `EscalationGate` reads it during generation, at no extra cost. An adapter may carry an **operating point** τ (`operating_point.json`, fitted by
 loop/calibration.py): the student then escalates exactly when p(escalate) ≥ τ, and otherwise takes
-its best other action. The reason code is its own choice among the protocol's codes: the gate
+its best other action, spelled as one of the protocol's names. The reason code is its own choice among the protocol's codes: the gate
 allows only tokens that continue one of them (an escalation forced by τ against the student's
 own preference would else name a reason that does not exist).
 """

@@ -33,10 +33,10 @@ ACTION_CONTRACT = (
 )
 
 
-# What a teacher's `thought` should be: a short rationale written before the action it leads to,
-# the shape the oracle writes and the student learns from.
+# What a teacher's `thought` should be: a short rationale written after the action it backs, the
+# shape the oracle writes and the student learns from.
 THOUGHT_GUIDE = (
-    'The "thought" is one short sentence written first, before the action: what the customer wants and the '
+    'The "thought" is one short sentence written after the action and its args: what the customer wants and the '
     'policy clause that decides it, with any numbers it compares written before the comparison, e.g. "Refund 45 days after purchase; refunds within 35 days; 45 is more than 35: escalate billing_exception."'
 )
 

@@ -158,12 +158,12 @@ def test_normalize_numbers():
     assert normalize("Costs $1,000.00 within  30 Days") == "costs $1000 within 30 days"
 
 
-def test_a_step_is_written_rationale_first_as_the_contract_shows():
-    """The oracle's and the teacher's steps (and so the student's training targets) put the thought
-    before the action, in the key order the contract's example shows the student."""
+def test_a_step_is_written_decision_first_as_the_contract_shows():
+    """The oracle's and the teacher's steps (and so the student's training targets) put the action
+    before the thought, in the key order the contract's example shows the student."""
     step = Action(thought="Refund 45 days after purchase.", action="escalate", args={"reason": "billing_exception"},
                   message="A colleague will help.")
     keys = list(json.loads(step.to_json()))
-    assert keys == ["thought", "action", "args", "message"]
+    assert keys == ["action", "args", "thought", "message"]
     example = re.search(r'\{"[^\n]*\}', ACTION_CONTRACT).group()
     assert re.findall(r'"(\w+)":', example) == keys
