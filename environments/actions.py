@@ -50,7 +50,7 @@ class Action(BaseModel):
 
     # Serialized in this order: the decision first, then the rationale that backs it. Rationale
     # first makes p(escalate), read after the thought, nearly 0 or 1, and τ then has nothing to
-    # trade (README, "Two rounds"); parsing accepts any order.
+    # trade (README, "Rationale first, in the main command"); parsing accepts any order.
     action: ActionName
     args: dict[str, Any] = Field(default_factory=dict)
     thought: str = Field(default="", description="Short private reasoning.")
