@@ -26,6 +26,9 @@ Variants (the training data differ only in the oracle's thought and the key orde
   rationale     the thought names what the customer wants and the policy clause that decides it, written
                 first: {"thought", "action", "args", "message"}
   action-first  the rationale, after the action: {"action", "args", "thought", "message"} (apprentice's order)
+  facts-first   the rationale without its verdict, written first ("Refund 45 days after purchase; refunds within
+                35 days.", then the action): the student compares the numbers it has just written when it acts, and
+                p(escalate), read at the action, is not settled by a thought that already said "escalate"
   *-redraw      the same, on the training companies under 5 draws of their policy numbers (seeds seed..seed+4,
                 environments.builtin.build_packs): the same refund window never decides every ticket of a company,
                 so a threshold learnt per company fails and reading the policy pays
@@ -42,7 +45,9 @@ import json
 import os
 import random
 import tempfile
+import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +82,7 @@ class Variant:
     keys: tuple[str, ...] = THOUGHT_FIRST  # the key order of every step the student reads and writes
     lora: dict = dataclasses.field(default_factory=dict)  # LoraSettings overrides
     redraws: int = 0  # training data from the training companies under this many more draws of their policy numbers
+    verdict: bool = True  # False: the rationale states the facts and the policy's numbers, not what they decide
 
 
 VARIANTS = {
@@ -85,19 +91,32 @@ VARIANTS = {
     "action-first": Variant("action-first", keys=ACTION_FIRST),
     "rationale-redraw": Variant("rationale-redraw", redraws=4),
     "action-first-redraw": Variant("action-first-redraw", keys=ACTION_FIRST, redraws=4),
+    "facts-first-redraw": Variant("facts-first-redraw", redraws=4, verdict=False),
     # LoRA on the top 15 of 30 layers: backward stops halfway (bench/train.py measures the speed)
     "action-first-redraw-top15": Variant("action-first-redraw-top15", keys=ACTION_FIRST, redraws=4, lora={"lora_layers": 15}),
 }
 
 
-def without_rationales(pack: Pack) -> Pack:
-    """The pack with every turn's rationale removed: the oracle falls back to its old terse thoughts."""
-    def strip(ticket):
-        truth = ticket.truth
-        followups = [f.model_copy(update={"truth": f.truth.model_copy(update={"rationale": ""})}) for f in truth.followups]
-        return ticket.model_copy(update={"truth": truth.model_copy(update={"rationale": "", "followups": followups})})
+def with_rationales(pack: Pack, edit: Callable[[str], str]) -> Pack:
+    """The pack with every turn's rationale rewritten by `edit`."""
+    def rewrite(truth):
+        return truth.model_copy(update={"rationale": edit(truth.rationale)})
 
-    return dataclasses.replace(pack, tickets=tuple(strip(t) for t in pack.tickets))
+    def ticket_with(ticket):
+        followups = [f.model_copy(update={"truth": rewrite(f.truth)}) for f in ticket.truth.followups]
+        return ticket.model_copy(update={"truth": rewrite(ticket.truth).model_copy(update={"followups": followups})})
+
+    return dataclasses.replace(pack, tickets=tuple(ticket_with(t) for t in pack.tickets))
+
+
+# The part of a built-in rationale that states the decision: "; policy: escalate legal_threat." or
+# "; 45 is more than 35: escalate billing_exception." (environments/builtin.py writes no other kind).
+VERDICT = re.compile(r"; (?:policy: |\d+ is (?:more than|within) \d+: )[^.]*\.")
+
+
+def facts_only(rationale: str) -> str:
+    """A rationale without its verdict: "Refund 45 days after purchase; refunds within 35 days." """
+    return VERDICT.sub(".", rationale)
 
 
 def reorder(text: str, keys: tuple[str, ...]) -> str:
@@ -234,7 +253,8 @@ def main() -> None:
             label = variant.name + (f" lr {lr}" if "," in args.lr else "")
             student = as_variant(hf, variant)
             source = [p for s in range(args.seed, args.seed + 1 + variant.redraws) for p in training(s) if p.id not in left_out]
-            source = source if variant.rationale else [without_rationales(p) for p in source]
+            if not variant.rationale or not variant.verdict:
+                source = [with_rationales(p, facts_only if variant.rationale else lambda _: "") for p in source]
             demos = run_episodes(OraclePolicy(), random.Random(args.seed).sample(training_pool(source), args.tickets or max(sizes)), progress=False)
             conversations = [training_messages(e) for e in demos if e.result().resolved]
             if variant.keys != PRODUCT:
