@@ -58,6 +58,7 @@ from report import publish  # bench/report.py: the script's folder is on sys.pat
 
 DEFAULT = "shared prefix, rows all at once"
 CHUNK = 512  # tokens past the prefix per backward pass, in the variants that bound a step's memory
+MMAP_THRESHOLD = 1 << 20  # bytes: "+mmap" variants map every allocation from this size up on its own
 TOP_LAYERS = 15  # of SmolLM2-135M's 30: backward stops at the lowest layer with LoRA weights
 
 
@@ -98,11 +99,18 @@ def train_before(model_dir: Path, conversations: list, settings: LoraSettings) -
     return {"seconds": seconds, "loss": output.training_loss, "steps": output.global_step, "peak": peak_rss_gb()}
 
 
-def in_fresh_process(fn, *args, **kwargs):
+def _start_process(threads: int, mmap_threshold: int) -> None:
+    torch.set_num_threads(threads)
+    if mmap_threshold:
+        train.fix_mmap_threshold(mmap_threshold)
+
+
+def in_fresh_process(fn, *args, mmap_threshold: int = 0, **kwargs):
     """`fn(*args, **kwargs)` in a new Python process with this one's torch threads, so that each
-    variant's peak memory is its own (a process never hands all its freed heap back)."""
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
-                             initargs=(torch.get_num_threads(),)) as pool:
+    variant's peak memory is its own (a process never hands all its freed heap back); with
+    `mmap_threshold`, that process's allocations from that size up are mapped on their own (glibc)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_start_process,
+                             initargs=(torch.get_num_threads(), mmap_threshold)) as pool:
         return pool.submit(fn, *args, **kwargs).result()
 
 
@@ -131,11 +139,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=1.0, help="passes over them")
     parser.add_argument("--batch", type=int, default=8, help="conversations per optimizer step")
     known = list(variants(LoraSettings()))
-    parser.add_argument("--variants", default=",".join(known), help=f"comma-separated, of {', '.join(known)} (default: all)")
+    parser.add_argument("--variants", default=",".join(known),
+                        help=f"comma-separated, of {', '.join(known)} (default: all); a key ending in +mmap runs with"
+                             f" glibc's mmap threshold fixed at {MMAP_THRESHOLD >> 10} KiB")
     parser.add_argument("--name", default="train", help="report name under bench/reports/")
     args = parser.parse_args()
     keys = args.variants.split(",")
-    if unknown := set(keys) - set(known):
+    if unknown := {k.removesuffix("+mmap") for k in keys} - set(known):
         parser.error(f"unknown variant(s) {sorted(unknown)}")
     torch.set_num_threads(os.cpu_count() or 1)
 
@@ -152,12 +162,15 @@ def main() -> None:
     rows = []  # (key, name, steps, seconds, loss, peak GB)
     with tempfile.TemporaryDirectory() as tmp:
         for key in keys:
-            name, settings = variants(base)[key]
+            name, settings = variants(base)[key.removesuffix("+mmap")]
+            mmap = MMAP_THRESHOLD if key.endswith("+mmap") else 0
+            name += f", mmap threshold {MMAP_THRESHOLD >> 10} KiB" if mmap else ""
             if settings is None:
-                r = in_fresh_process(train_before, model_dir, conversations, base)
+                r = in_fresh_process(train_before, model_dir, conversations, base, mmap_threshold=mmap)
                 rows.append((key, name, r["steps"], r["seconds"], r["loss"], r["peak"]))
             else:
-                r = in_fresh_process(train_adapter, model_dir, conversations, Path(tmp) / key, settings, progress=False)
+                r = in_fresh_process(train_adapter, model_dir, conversations, Path(tmp) / key, settings, progress=False,
+                                     mmap_threshold=mmap)
                 rows.append((key, name, r.steps, r.seconds, r.train_loss, r.peak_memory_gb))
     seconds = {key: s for key, _, _, s, _, _ in rows}
     reference_key = next((k for k in ("before", "default") if k in seconds), rows[0][0])
@@ -171,7 +184,7 @@ def main() -> None:
         f"real SmolLM2-135M, float32 weights, {'bf16 autocast' if train.use_bf16('auto', 'cpu') else 'no bf16 units: float32'}, "
         f"{torch.get_num_threads()} torch threads, CPU: {os.cpu_count()} cores.",
         f"Variants ran one after the other, each in a fresh process, on the same conversations (`bench/train.py --demos {args.demos}"
-        f" --variants {args.variants}`). Speed-up: against {variants(base)[reference_key][0]}.",
+        f" --variants {args.variants}`). Speed-up: against {next(n for k, n, *_ in rows if k == reference_key)}.",
         "",
         "| variant | steps | seconds | conversations/s | tokens/s (as if unshared) | train loss | peak memory | speed-up |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",

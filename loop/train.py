@@ -579,6 +579,18 @@ def reset_peak_rss() -> None:
         pass
 
 
+def fix_mmap_threshold(size: int) -> bool:
+    """Have glibc map every allocation of `size` bytes or more on its own, and unmap it when freed.
+
+    By default glibc raises that threshold (up to 32 MB) each time a mapped block is freed, so a
+    training step's activations soon come from the heap, where freed blocks between live ones are
+    kept by the process. Returns whether it was set (False off glibc)."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, size))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def peak_rss_gb() -> float:
     """Peak resident memory of this process since it started or `reset_peak_rss`, in GB (Linux: VmHWM)."""
     try:

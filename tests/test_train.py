@@ -3,7 +3,10 @@ gradient), adapter weights change and base weights do not, the mask and the weig
 
 import functools
 import json
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -326,3 +329,35 @@ def test_a_new_adapter_starts_from_an_earlier_one_of_the_same_shape(tiny_model_d
     with pytest.raises(ValueError, match="does not fit this LoRA shape"):
         train_adapter(tiny_model_dir, [CONVERSATION] * 2, tmp_path / "v4", replace(settings, r=8, start_from=str(tmp_path / "v1")),
                       progress=False)
+
+
+FRAGMENTING_STEP = """
+import sys
+from loop.train import fix_mmap_threshold
+if sys.argv[1] == "fixed":
+    assert fix_mmap_threshold(1 << 20)
+import torch
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 1e6
+start = rss_mb()
+for step in range(3):  # a step's pattern: large activations freed while small tensors live on between them
+    large, small = [], []
+    for i in range(40):
+        large.append(torch.ones(2_000_000 + 1000 * i))  # ~8 MB each
+        small.append(torch.ones(1000))
+    del large
+print(rss_mb() - start)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads resident memory from /proc (Linux)")
+def test_a_fixed_mmap_threshold_hands_freed_activations_back(tmp_path):
+    """glibc raises its mmap threshold whenever a mapped block is freed, so a step's later
+    activations come from the heap and, freed between live small tensors, stay with the process."""
+    script = tmp_path / "step.py"
+    script.write_text(FRAGMENTING_STEP)
+    held = {how: float(subprocess.run([sys.executable, str(script), how], check=True, capture_output=True, text=True,
+                                      cwd=Path(train.__file__).parents[1]).stdout)
+            for how in ("default", "fixed")}
+    assert held["default"] > 150  # MB of freed activations the process kept
+    assert held["fixed"] < 30
