@@ -44,8 +44,8 @@ import dataclasses
 import json
 import os
 import random
-import tempfile
 import re
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
