@@ -55,7 +55,7 @@ import torch
 
 from environments.actions import Action
 from environments.builtin import build_packs
-from environments.pack import Pack, load_packs
+from environments.pack import Pack, Ticket, load_packs
 from loop.calibration import OperatingPoint, fit_threshold, save_operating_point, ticket_scores
 from loop.dataset import oversample_escalations
 from loop.evaluate import eval_tickets, run_episodes, training_pool, validation_tickets
@@ -165,6 +165,18 @@ def training(seed: int) -> list[Pack]:
     return [p for p in build_packs(seed) if p.company.split == "train"]
 
 
+def validation(seed: int, val_seed: int, val_domains: int, val_tickets: int) -> tuple[set[str], list[tuple[Pack, Ticket]]]:
+    """(the training companies left out of training, the validation tickets τ is fitted on): `val_domains`
+    whole companies chosen by `seed` (as many tickets in all as `val_tickets` per training company), or with
+    0 the validation split of every training company; both under the policy numbers drawn with `val_seed`."""
+    packs = training(val_seed)
+    if not val_domains:
+        return set(), [(p, t) for p in packs for t in validation_tickets(p, val_tickets)]
+    left_out = set(random.Random(seed).sample(sorted(p.id for p in packs), val_domains))
+    per_company = val_tickets * len(packs) // val_domains
+    return left_out, [(p, t) for p in packs if p.id in left_out for t in eval_tickets(p, per_company)]
+
+
 def auroc(scored: list[tuple[float, bool]]) -> float:
     pos = [s for s, y in scored if y]
     neg = [s for s, y in scored if not y]
@@ -234,13 +246,7 @@ def main() -> None:
     assert args.val_seed not in range(args.seed, args.seed + 1 + max(v.redraws for v in VARIANTS.values())), "validation numbers are trained on"
     heldout = [p for p in packs if p.company.split == "heldout"]
     handwritten = load_packs(HANDWRITTEN) if HANDWRITTEN.is_dir() else []
-    if args.val_domains:  # whole companies, never trained on: any of their tickets may validate
-        left_out = set(random.Random(args.seed).sample(sorted(p.id for p in train_packs), args.val_domains))
-        per_company = args.val_tickets * len(train_packs) // args.val_domains
-        val_work = [(p, t) for p in training(args.val_seed) if p.id in left_out for t in eval_tickets(p, per_company)]
-    else:
-        left_out = set()
-        val_work = [(p, t) for p in training(args.val_seed) for t in validation_tickets(p, args.val_tickets)]
+    left_out, val_work = validation(args.seed, args.val_seed, args.val_domains, args.val_tickets)
     curve_work = [(p, t) for p in heldout for t in eval_tickets(p, args.curve_tickets)]
     model_dir = resolve_model("smollm2-135m")
     hf = HFStudent(model_dir, max_new_tokens=128, batch_size=8)
