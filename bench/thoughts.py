@@ -36,7 +36,7 @@ from loop.evaluate import eval_tickets
 from policies.hf import HFStudent
 from policies.models import resolve_model
 from policies.student import Message
-from learning import GATE_OVER_ESCALATION, VARIANTS, as_variant, auroc, rates, validation  # bench/learning.py
+from learning import GATE_OVER_ESCALATION, VARIANTS, as_variant, at, auroc, rates, validation  # bench/learning.py
 from report import publish
 
 Scored = list[tuple[float, bool]]
@@ -105,10 +105,10 @@ def main() -> None:
         strict = fit_threshold(val, max_over_escalation=GATE_OVER_ESCALATION)[0]
         label = "greedy thought" if k == 1 else f"T {temperature:g}, k {k}"
         rows.append(Row(label, minutes, len({round(x, 4) for x, _ in val}), tau, auroc(val), rates(val, tau), interval(held, auroc),
-                        interval(held, lambda s: np.subtract(*rates(s, tau))), strict, rates(val, strict),
+                        interval(held, lambda s: at(s, tau)), strict, rates(val, strict),
                         interval(held, lambda s: rates(s, strict)[0]), interval(held, lambda s: rates(s, strict)[1])))
         r = rows[-1]
-        print(f"{label}: τ {tau:.3g}, val AUROC {r.val_auroc:.2f} J {np.subtract(*r.val_at_tau):.2f}; held-out AUROC {r.held_auroc}, "
+        print(f"{label}: τ {tau:.3g}, val AUROC {r.val_auroc:.2f} J {at(val, tau):.2f}; held-out AUROC {r.held_auroc}, "
               f"J@τ {r.held_j}; gate's corner τ {strict:.3g}: held-out recall {r.held_recall_corner}, over-esc {r.held_over_corner} "
               f"({minutes:.1f} min)", flush=True)
         write(args, rows, left_out, val_work, held_work, heldout, (time.perf_counter() - clock) / 60)
