@@ -53,7 +53,6 @@ from pathlib import Path
 
 import torch
 
-from environments.actions import Action
 from environments.builtin import build_packs
 from environments.pack import Pack, Ticket, load_packs
 from loop.calibration import OperatingPoint, fit_threshold, save_operating_point, ticket_scores
@@ -65,13 +64,10 @@ from loop.train import LoraSettings, train_adapter
 from policies.hf import HFStudent
 from policies.models import resolve_model
 from policies.policy import OraclePolicy, StudentPolicy
-from policies.protocol import step_example
+from policies.protocol import ACTION_FIRST, THOUGHT_FIRST, in_order
 from report import publish  # bench/report.py: the script's folder is on sys.path
 
 HANDWRITTEN = Path(__file__).parent / "packs"
-THOUGHT_FIRST = ("thought", "action", "args", "message")
-ACTION_FIRST = ("action", "args", "thought", "message")
-PRODUCT = tuple(Action.model_fields)  # the key order apprentice writes (environments/actions.py)
 GATE_OVER_ESCALATION = RoundSettings().max_regression  # what the gate lets over-escalation rise over the base's 0
 
 
@@ -119,30 +115,6 @@ def facts_only(rationale: str) -> str:
     return VERDICT.sub(".", rationale)
 
 
-def reorder(text: str, keys: tuple[str, ...]) -> str:
-    """An action's JSON with its keys in this order (anything unparsable unchanged)."""
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError:
-        return text
-    if not isinstance(obj, dict) or "action" not in obj:
-        return text
-    first = {k: obj[k] for k in keys if k in obj}
-    return json.dumps({**first, **obj}, separators=(",", ":"), ensure_ascii=False)
-
-
-def in_order(messages: list[dict[str, str]], keys: tuple[str, ...]) -> list[dict[str, str]]:
-    """A conversation as a student of this key order sees it: the contract's example and every assistant step reordered."""
-    out = []
-    for m in messages:
-        if m["role"] == "assistant":
-            m = {**m, "content": reorder(m["content"], keys)}
-        elif m["role"] == "system":
-            m = {**m, "content": m["content"].replace(step_example(), step_example(keys))}
-        out.append(m)
-    return out
-
-
 class Reordered:
     """The student, prompted with its earlier steps (and the contract's example) in another key order."""
 
@@ -157,7 +129,7 @@ class Reordered:
 
 
 def as_variant(student: HFStudent, variant: Variant):
-    return student if variant.keys == PRODUCT else Reordered(student, variant.keys)
+    return student if variant.keys == ACTION_FIRST else Reordered(student, variant.keys)
 
 
 def training(seed: int) -> list[Pack]:
@@ -263,7 +235,7 @@ def main() -> None:
                 source = [with_rationales(p, facts_only if variant.rationale else lambda _: "") for p in source]
             demos = run_episodes(OraclePolicy(), random.Random(args.seed).sample(training_pool(source), args.tickets or max(sizes)), progress=False)
             conversations = [training_messages(e) for e in demos if e.result().resolved]
-            if variant.keys != PRODUCT:
+            if variant.keys != ACTION_FIRST:
                 conversations = [in_order(c, variant.keys) for c in conversations]
             conversations = oversample_escalations(conversations, args.escalation_share, seed=args.seed)
             settings = LoraSettings(epochs=args.epochs, batch_size=args.batch, learning_rate=float(lr), seed=args.seed,

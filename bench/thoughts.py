@@ -43,14 +43,29 @@ Scored = list[tuple[float, bool]]
 
 
 class Sampled:
-    """A scoring student whose p(escalate) at a state is the mean over k sampled thoughts."""
+    """A scoring student whose p(escalate) at a state is the mean over k sampled thoughts; keeps every
+    state's k draws, in the order scored, for `Replay`."""
 
     def __init__(self, student, k: int):
-        self.student, self.k = student, k
+        self.student, self.k, self.draws = student, k, []
 
     def escalation_probabilities(self, prompts: list[list[Message]]) -> list[float]:
-        ps = self.student.escalation_probabilities([p for p in prompts for _ in range(self.k)])
-        return [sum(p or 0.0 for p in ps[i * self.k : (i + 1) * self.k]) / self.k for i in range(len(prompts))]
+        ps = [p or 0.0 for p in self.student.escalation_probabilities([p for p in prompts for _ in range(self.k)])]
+        self.draws += [ps[i * self.k : (i + 1) * self.k] for i in range(len(prompts))]
+        return [sum(d) / self.k for d in self.draws[-len(prompts):]]
+
+
+class Replay:
+    """The mean over a slice of each state's recorded draws: a smaller k, scored again without the model
+    (ticket_scores visits the states in the same order every time)."""
+
+    def __init__(self, draws: list[list[float]], part: slice):
+        self.draws, self.part, self.next = draws, part, 0
+
+    def escalation_probabilities(self, prompts: list[list[Message]]) -> list[float]:
+        chunk = self.draws[self.next : self.next + len(prompts)]
+        self.next += len(prompts)
+        return [float(np.mean(d[self.part])) for d in chunk]
 
 
 def interval(held: Scored, stat, *, resamples: int = 1000, seed: int = 0) -> str:
@@ -79,6 +94,10 @@ def main() -> None:
     parser.add_argument("--val-domains", type=int, default=0, help="learning.py's --val-domains (must match the adapter's training run)")
     parser.add_argument("--val-tickets", type=int, default=10, help="learning.py's --val-tickets")
     parser.add_argument("--curve-tickets", type=int, default=30, help="held-out tickets per company")
+    parser.add_argument("--sampling-seed", type=int, default=None, help="the seed of the sampled thoughts (default: --seed)")
+    parser.add_argument("--splits", type=int, default=1,
+                        help="also score each sampled setting's k draws as this many disjoint groups of k/splits "
+                             "(and k/2 when it is 4 or more), to see how steady a smaller k is")
     parser.add_argument("--name", default="thoughts", help="report name under bench/reports/")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -89,21 +108,10 @@ def main() -> None:
     held_work = [(p, t) for p in heldout for t in eval_tickets(p, args.curve_tickets)]
     hf = HFStudent(resolve_model("smollm2-135m"), max_new_tokens=128, adapter=Path(args.adapter), use_threshold=False)
     rows = []
-    for setting in args.settings.split(","):
-        temperature, k = (float(setting.split(":")[0]), int(setting.split(":")[1])) if ":" in setting else (0.0, 1)
-        if temperature == 0 and k != 1:
-            raise SystemExit(f"{setting}: greedy decoding gives k identical thoughts; write 0")
-        hf.temperature, hf.batch_size = temperature, k if k > 1 else 8  # k > 1: one state per batch, its prompt shared
-        torch.manual_seed(args.seed)
-        student = as_variant(hf, VARIANTS[args.variant])
-        scorer = Sampled(student, k) if k > 1 else student
-        started = time.perf_counter()
-        val = ticket_scores(scorer, val_work)
-        held = ticket_scores(scorer, held_work)
-        minutes = (time.perf_counter() - started) / 60
+
+    def score(label: str, val: Scored, held: Scored, minutes: float) -> None:
         tau = fit_threshold(val)[0]
         strict = fit_threshold(val, max_over_escalation=GATE_OVER_ESCALATION)[0]
-        label = "greedy thought" if k == 1 else f"T {temperature:g}, k {k}"
         rows.append(Row(label, minutes, len({round(x, 4) for x, _ in val}), tau, auroc(val), rates(val, tau), interval(held, auroc),
                         interval(held, lambda s: at(s, tau)), strict, rates(val, strict),
                         interval(held, lambda s: rates(s, strict)[0]), interval(held, lambda s: rates(s, strict)[1])))
@@ -113,6 +121,28 @@ def main() -> None:
               f"({minutes:.1f} min)", flush=True)
         write(args, rows, left_out, val_work, held_work, heldout, (time.perf_counter() - clock) / 60)
 
+    for setting in args.settings.split(","):
+        temperature, k = (float(setting.split(":")[0]), int(setting.split(":")[1])) if ":" in setting else (0.0, 1)
+        if temperature == 0 and k != 1:
+            raise SystemExit(f"{setting}: greedy decoding gives k identical thoughts; write 0")
+        hf.temperature, hf.batch_size = temperature, k if k > 1 else 8  # k > 1: one state per batch, its prompt shared
+        torch.manual_seed(args.seed if args.sampling_seed is None else args.sampling_seed)
+        student = as_variant(hf, VARIANTS[args.variant])
+        scorer = Sampled(student, k) if k > 1 else student
+        started = time.perf_counter()
+        val = ticket_scores(scorer, val_work)
+        held = ticket_scores(scorer, held_work)
+        label = "greedy thought" if k == 1 else f"T {temperature:g}, k {k}"
+        score(label, val, held, (time.perf_counter() - started) / 60)
+        if k == 1:
+            continue
+        for parts in sorted({n for n in (2, args.splits) if 1 < n and k // n >= 2}):
+            size = k // parts
+            for i in range(parts):
+                part = slice(i * size, (i + 1) * size)
+                replay = Replay(scorer.draws, part)
+                score(f"T {temperature:g}, k {size} (draws {part.start + 1}–{part.stop} of the k {k})",
+                      ticket_scores(replay, val_work), ticket_scores(replay, held_work), 0.0)
 
 class Row(NamedTuple):
     label: str

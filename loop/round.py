@@ -28,7 +28,7 @@ from loop.records import episode_rows, outcomes_of, record_eval, register_packs
 from loop.selection import Pick, select_tickets
 from loop.train import LoraSettings, TrainResult, same_shape
 from policies.policy import StudentPolicy, TeacherPolicy
-from policies.protocol import render_messages
+from policies.protocol import THOUGHT_FIRST, in_order, render_messages
 from policies.student import Student, operating_point
 from policies.teacher import Teacher, Usage
 from store import AdapterRow, CorrectionRow, ExampleRow, Store
@@ -56,6 +56,7 @@ class RoundSettings:
     calibration_tickets: int = 10  # validation tickets per training company that τ is fitted on (per policy draw)
     validation_companies: int = 2  # whole training companies left out of training, τ fitted on them (0: every company's validation split)
     max_over_escalation: float = 0.0  # > 0: τ gives the best recall within this over-escalation; 0: τ maximizes J
+    thought_first: bool = False  # the student writes its thought first (`thought_samples`): it trains on THOUGHT_FIRST steps
     seed: int = 0
 
 
@@ -188,7 +189,8 @@ def retrain(rt: Runtime, round_no: int, summary: RoundSummary) -> RoundSummary:
     store.log_event("training_started", version=version, round=round_no, examples=dataset.n_unique, sources=dataset.sources,
                     start_from=parent.version if start else None)
     try:
-        result = rt.train(rt.model_dir, dataset.conversations, path, lora)
+        conversations = [in_order(c, THOUGHT_FIRST) for c in dataset.conversations] if s.thought_first else dataset.conversations
+        result = rt.train(rt.model_dir, conversations, path, lora)
     except BaseException:
         store.set_adapter_status(version, "failed")
         raise

@@ -43,6 +43,7 @@ class StudentOptions:
     max_new_tokens: int = 128
     temperature: float = 0.0
     seed: int = 0
+    thought_samples: int = 0
 
 
 def start_ray(address: str = "") -> None:
@@ -66,7 +67,8 @@ class RolloutWorker:
 
         torch.set_num_threads(threads)  # Ray sets OMP threads to 1 for a 0-CPU actor
         self.student = HFStudent(Path(model_dir), load_in_4bit=options.load_in_4bit, batch_size=options.batch_size,
-                                 max_new_tokens=options.max_new_tokens, temperature=options.temperature, seed=options.seed)
+                                 max_new_tokens=options.max_new_tokens, temperature=options.temperature, seed=options.seed,
+                                 thought_samples=options.thought_samples)
 
     def act(self, prompts: list[list[Message]]) -> list[str]:
         return self.student.act(prompts)

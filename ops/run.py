@@ -53,7 +53,7 @@ def round_settings(cfg: Config) -> RoundSettings:
         continue_training=cfg.continue_training,
         selection=cfg.selection, selection_pool=cfg.selection_pool,
         calibration_tickets=max(1, cfg.calibration_tickets // (1 + redraws(cfg))), max_over_escalation=cfg.max_over_escalation,
-        validation_companies=cfg.validation_companies, seed=cfg.seed,
+        validation_companies=cfg.validation_companies, thought_first=cfg.thought_samples > 0, seed=cfg.seed,
     )
 
 
@@ -72,7 +72,8 @@ def build_runtime(cfg: Config, *, progress: bool = True) -> Runtime:
     packs = build_packs(cfg)
     model_dir = resolve_model(cfg.model)
     start_ray(cfg.ray_address)
-    options = StudentOptions(load_in_4bit=cfg.load_in_4bit, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    options = StudentOptions(load_in_4bit=cfg.load_in_4bit, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+                             thought_samples=cfg.thought_samples)
     pool = RayStudentPool(model_dir, options, n=cfg.rollout_workers, threads=cfg.threads)
     return Runtime(
         store=Store.open(cfg.db), packs=packs, student=pool, teacher=build_teacher(cfg),

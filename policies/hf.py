@@ -21,6 +21,16 @@ loop/calibration.py): the student then escalates exactly when p(escalate) ≥ τ
 its best other action, spelled as one of the protocol's names. The reason code is its own choice among the protocol's codes: the gate
 allows only tokens that continue one of them (an escalation forced by τ against the student's
 own preference would else name a reason that does not exist).
+
+**Sampled thoughts** (`thought_samples` k > 0). A student that writes its rationale first has made
+its decision by the action field, so p(escalate) read there is near 0 or 1, with nothing between for
+τ to trade. This one writes the thought first (its prompts rewritten in THOUGHT_FIRST order, as it
+was trained: `in_order`), samples k thoughts per state at `thought_temperature` up to the action
+name (the k rows of a state in one batch, sharing its whole prompt's cache), and takes the mean of
+their k p(escalate): its probability of escalating, over what it might think. The decision is that
+mean ≥ τ; the thought that leans furthest toward it is continued, greedily, from its action name,
+which the gate spells as decided (the continuation has `max_new_tokens` of its own). It costs k
+thoughts' decoding per step (bench/thoughts.py measures what it buys).
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from peft import PeftModel
@@ -42,10 +53,26 @@ from transformers import (
 )
 
 from environments.actions import ACTIONS, REASONS
+from policies.protocol import THOUGHT_FIRST, in_order
 from policies.student import Generation, Message, operating_point
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MIN_CACHED_PREFIX = 32  # shorter shared prefixes are not worth an extra forward pass
+
+
+class Decoded(NamedTuple):
+    """What a row decoded: its new tokens, and how many came before its action name (None: it reached none)."""
+
+    new_ids: list[int]
+    decided_at: int | None
+
+
+class Continue(NamedTuple):
+    """A sampled thought to continue from its action name (`HFStudent._sampled`)."""
+
+    p_escalate: float  # the mean over the prompt's k thoughts
+    escalate: bool  # the decision the continuation must spell
+    lead: int  # the prompt's last `lead` tokens are the step's own thought, which the completion continues
 
 
 class HFStudent:
@@ -65,6 +92,8 @@ class HFStudent:
         json_mode: bool = False,
         prefix_cache: bool = True,
         use_threshold: bool = True,
+        thought_samples: int = 0,
+        thought_temperature: float = 1.0,
     ):
         """Load the base model from `model_dir` (see `policies.models.resolve_model`).
 
@@ -77,11 +106,14 @@ class HFStudent:
             validated (and can still be invalid, e.g. cut off by max_new_tokens).
         prefix_cache: prefill a batch's shared prompt prefix once, not once per row (same outputs).
         use_threshold: apply the loaded adapter's operating point τ (False: the raw greedy policy).
+        thought_samples: 0 writes the action first. k > 0 writes the thought first (prompts in
+            THOUGHT_FIRST order) and decides on the mean p(escalate) over k thoughts sampled at
+            `thought_temperature` (see "Sampled thoughts" in the module docstring).
         """
         if dtype != "auto" and dtype not in DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, not {dtype!r}")
-        if batch_size < 1 or max_new_tokens < 1 or temperature < 0:
-            raise ValueError("batch_size and max_new_tokens must be >= 1 and temperature >= 0")
+        if batch_size < 1 or max_new_tokens < 1 or temperature < 0 or thought_samples < 0 or thought_temperature <= 0:
+            raise ValueError("batch_size and max_new_tokens must be >= 1, temperature and thought_samples >= 0, thought_temperature > 0")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype == "auto":
             torch_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
@@ -93,6 +125,7 @@ class HFStudent:
         self.json_mode = json_mode
         self.prefix_cache = prefix_cache
         self.use_threshold = use_threshold
+        self.thought_samples, self.thought_temperature = thought_samples, thought_temperature
         self.threshold: float | None = None  # the live adapter's τ, when applied
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -150,16 +183,9 @@ class HFStudent:
 
     def generate_with_info(self, prompts: list[list[Message]], *, stop_at_action: bool = False) -> list[Generation]:
         """Like `act`, with the adapter that answered, token counts and p(escalate) for each prompt."""
-        prompt_ids = [self._render(messages) for messages in prompts]
-        # Sorting the token lists puts prompts with the same system message (the same company) in
-        # the same chunks, so each chunk computes that long shared prefix once (see _generate).
-        order = sorted(range(len(prompts)), key=lambda i: prompt_ids[i])
-        results: list[Generation | None] = [None] * len(prompts)
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start : start + self.batch_size]
-            for i, generation in zip(chunk, self._generate([prompt_ids[i] for i in chunk], stop_at_action)):
-                results[i] = generation
-        return results
+        if self.thought_samples:
+            return self._sampled([self._render(in_order(m, THOUGHT_FIRST)) for m in prompts], stop_at_action)
+        return [g for g, _ in self._batched([self._render(m) for m in prompts], stop_at_action=stop_at_action)]
 
     @property
     def name(self) -> str:
@@ -188,8 +214,57 @@ class HFStudent:
     def _render(self, messages: list[Message]) -> list[int]:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
 
+    def _batched(self, prompt_ids: list[list[int]], *, stop_at_action: bool = False, temperature: float | None = None,
+                 decisions: list[Continue] | None = None) -> list[tuple[Generation, Decoded]]:
+        """`_generate` over every prompt in chunks of `batch_size`, each with what it decoded."""
+        # Sorting the token lists puts prompts with the same system message (the same company) in
+        # the same chunks, so each chunk computes that long shared prefix once (see _generate).
+        order = sorted(range(len(prompt_ids)), key=lambda i: prompt_ids[i])
+        results: list = [None] * len(prompt_ids)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            out = self._generate([prompt_ids[i] for i in chunk], stop_at_action, self.temperature if temperature is None else temperature,
+                                 [decisions[i] for i in chunk] if decisions else None)
+            for i, result in zip(chunk, out):
+                results[i] = result
+        return results
+
+    def _sampled(self, prompt_ids: list[list[int]], stop_at_action: bool) -> list[Generation]:
+        """Sampled thoughts: k thoughts per prompt, sampled up to the action name; p(escalate) is the mean
+        of theirs, and the decision is p ≥ τ (without τ, p ≥ 1/2). The step kept is the thought that
+        leans furthest toward that decision, continued from its action name with the decision imposed."""
+        k = self.thought_samples
+        drafts = self._batched([ids for ids in prompt_ids for _ in range(k)], stop_at_action=True, temperature=self.thought_temperature)
+        kept, decisions, generations = [], [], []
+        for i, ids in enumerate(prompt_ids):
+            group = drafts[i * k : (i + 1) * k]
+            reached = [(g.p_escalate, d) for g, d in group if g.p_escalate is not None]
+            if not reached:  # no thought reached an action name within max_new_tokens: nothing to decide
+                generations.append(group[0][0])
+                continue
+            p = sum(q for q, _ in reached) / k  # a thought that never reached its action counts as not escalating
+            escalate = p >= (self.threshold if self.threshold is not None else 0.5)
+            _, draft = (max if escalate else min)(reached, key=lambda r: r[0])
+            thought = draft.new_ids[: draft.decided_at]
+            generations.append(Generation(self.tokenizer.decode(thought, skip_special_tokens=True), self.adapter_id, len(ids), len(thought), p))
+            if not stop_at_action:
+                kept.append((i, thought))
+                decisions.append(Continue(p, escalate, len(thought)))
+        if kept:
+            steps = self._batched([prompt_ids[i] + thought for i, thought in kept], decisions=decisions)
+            for (i, thought), (g, decoded) in zip(kept, steps):
+                new_ids = thought + decoded.new_ids
+                text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
+                if self.json_mode:
+                    text = text[: json_object_end(text) or len(text)]
+                generations[i] = Generation(text, g.adapter_id, len(prompt_ids[i]), len(new_ids), g.p_escalate)
+        return generations
+
     @torch.inference_mode()
-    def _generate(self, prompt_ids: list[list[int]], stop_at_action: bool = False) -> list[Generation]:
+    def _generate(self, prompt_ids: list[list[int]], stop_at_action: bool = False, temperature: float = 0.0,
+                  decisions: list[Continue] | None = None) -> list[tuple[Generation, Decoded]]:
+        """One left-padded batch, each row's completion with what it decoded. With `decisions`, every
+        row continues a sampled thought from the first token of its action name (`_sampled`)."""
         # os.path.commonprefix compares lists element-wise. Leave every row at least one token to
         # feed `generate`, which needs a new input token to produce the first logits.
         prefix_len = min(len(os.path.commonprefix(prompt_ids)), min(map(len, prompt_ids)) - 1)
@@ -211,12 +286,16 @@ class HFStudent:
             cache.batch_repeat_interleave(B)
             batch["cache"] = cache
         prompt_len = batch["input_ids"].shape[1]  # cached prefix included: generate returns whole rows
-        sampling = {"do_sample": True, "temperature": self.temperature} if self.temperature > 0 else {"do_sample": False}
-        gate = EscalationGate(self.tokenizer, self._action_ids, prompt_len, self.threshold, B, self._reason_ids, self._action_names)
+        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+        gate = EscalationGate(self.tokenizer, self._action_ids, prompt_len, self.threshold, B, self._reason_ids, self._action_names,
+                              decisions=decisions)
         processors, stops = LogitsProcessorList([gate]), StoppingCriteriaList()
         if self.json_mode:
-            processors.append(_StartWithBrace(self._brace_ids(), prompt_len))
-            stops.append(_StopAfterJsonObject(self.tokenizer, prompt_len))
+            # A continued thought's object opened in its prompt: the completion starts at its own tokens.
+            starts = [prompt_len - c.lead for c in decisions] if decisions else [prompt_len] * B
+            if not decisions:
+                processors.append(_StartWithBrace(self._brace_ids(), prompt_len))
+            stops.append(_StopAfterJsonObject(self.tokenizer, starts))
         if stop_at_action:
             stops.append(_StopAfterDecision(gate))
         out_B_T = self.model.generate(
@@ -234,9 +313,10 @@ class HFStudent:
             # A finished row is filled with padding, which may be the same id as end-of-turn: count neither.
             new_ids = new_ids[: next((i for i, t in enumerate(new_ids) if t in end_ids), len(new_ids))]
             text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
-            if self.json_mode:
+            if self.json_mode and not decisions:  # a continued step is cut where its whole object (thought included) ends
                 text = text[: json_object_end(text) or len(text)]
-            generations.append(Generation(text, adapter_id, len(ids), len(new_ids), gate.p_escalate[row]))
+            generations.append((Generation(text, adapter_id, len(ids), len(new_ids), gate.p_escalate[row]),
+                                Decoded(new_ids, gate.decided_at[row])))
         return generations
 
     def _brace_ids(self) -> torch.Tensor:
@@ -328,32 +408,41 @@ class EscalationGate(LogitsProcessor):
     protocol knows."""
 
     def __init__(self, tokenizer, action_ids: torch.Tensor, prompt_len: int, threshold: float | None, rows: int,
-                 reason_ids: list[list[int]] | None = None, action_names: list[list[int]] | None = None):
+                 reason_ids: list[list[int]] | None = None, action_names: list[list[int]] | None = None,
+                 decisions: list[Continue] | None = None):
+        """decisions: every row starts at its action name's first token, p(escalate) and the decision
+        already made (`HFStudent._sampled`)."""
         self.tokenizer, self.action_ids, self.prompt_len, self.threshold = tokenizer, action_ids, prompt_len, threshold
         self.reason_ids = reason_ids if reason_ids is not None else reason_token_ids(tokenizer)
         self.action_names = action_names if action_names is not None else action_token_ids(tokenizer)
         self.p_escalate: list[float | None] = [None] * rows
+        self.decided_at: list[int | None] = [None] * rows  # tokens generated before the row's action name
         # row -> (position where its open value began, the token sequences it may spell there)
         self.spelling: dict[int, tuple[int, list[list[int]]]] = {}
+        for row, c in enumerate(decisions or []):
+            self.p_escalate[row], self.decided_at[row] = c.p_escalate, 0
+            self.spelling[row] = (prompt_len, self._names(c.escalate))
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if input_ids.shape[1] - self.prompt_len < 2:
-            return scores
-        tails = self.tokenizer.batch_decode(input_ids[:, -4:])  # `"reason": "` is 4 tokens
-        for row, tail in enumerate(tails):
-            if row not in self.spelling and tail.endswith(_REASON_FIELD):
-                self.spelling[row] = (input_ids.shape[1], self.reason_ids)
-            if self.p_escalate[row] is None and tail.endswith(_ACTION_FIELD):
-                ids = self.action_ids.to(scores.device)
-                p = torch.softmax(scores[row, ids].float(), dim=-1)[ESCALATE].item()
-                self.p_escalate[row] = p
-                if self.threshold is not None:
-                    names = [n for i, n in enumerate(self.action_names) if (i == ESCALATE) == (p >= self.threshold)]
-                    self.spelling[row] = (input_ids.shape[1], names)
-            if row in self.spelling:
-                start, words = self.spelling[row]
-                self._spell(row, words, input_ids[row, start:].tolist(), scores)
+        if input_ids.shape[1] - self.prompt_len >= 2:
+            tails = self.tokenizer.batch_decode(input_ids[:, -4:])  # `"reason": "` is 4 tokens
+            for row, tail in enumerate(tails):
+                if row not in self.spelling and tail.endswith(_REASON_FIELD):
+                    self.spelling[row] = (input_ids.shape[1], self.reason_ids)
+                if self.p_escalate[row] is None and tail.endswith(_ACTION_FIELD):
+                    ids = self.action_ids.to(scores.device)
+                    p = torch.softmax(scores[row, ids].float(), dim=-1)[ESCALATE].item()
+                    self.p_escalate[row], self.decided_at[row] = p, input_ids.shape[1] - self.prompt_len
+                    if self.threshold is not None:
+                        self.spelling[row] = (input_ids.shape[1], self._names(p >= self.threshold))
+        for row in list(self.spelling):
+            start, words = self.spelling[row]
+            self._spell(row, words, input_ids[row, start:].tolist(), scores)
         return scores
+
+    def _names(self, escalate: bool) -> list[list[int]]:
+        """The action names a row may spell: `escalate` alone, or every other one."""
+        return [n for i, n in enumerate(self.action_names) if (i == ESCALATE) == escalate]
 
     def _spell(self, row: int, words: list[list[int]], written: list[int], scores: torch.FloatTensor) -> None:
         k = len(written)
@@ -396,14 +485,15 @@ class _StartWithBrace(LogitsProcessor):
 
 
 class _StopAfterJsonObject(StoppingCriteria):
-    """Stop a row once its completion holds one whole JSON object (the text after it is cut off later)."""
+    """Stop a row once its completion, from its column in `starts`, holds one whole JSON object (the
+    text after it is cut off later)."""
 
-    def __init__(self, tokenizer, prompt_len: int):
+    def __init__(self, tokenizer, starts: list[int]):
         self.tokenizer = tokenizer
-        self.prompt_len = prompt_len
+        self.starts = starts
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len :], skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode([row[start:] for row, start in zip(input_ids.tolist(), self.starts)], skip_special_tokens=True)
         return torch.tensor([json_object_end(text) is not None for text in texts], device=input_ids.device)
 
 

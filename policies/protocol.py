@@ -15,7 +15,14 @@ from environments.actions import REASONS, Action
 from environments.episode import Entry
 from environments.pack import Company
 
-def step_example(keys: tuple[str, ...] = tuple(Action.model_fields)) -> str:
+# The key orders a student may write a step in. Apprentice serializes `Action` in its own order
+# (action first); a student that reasons first (`HFStudent(thought_samples=k)`) reads and writes
+# THOUGHT_FIRST: its prompts and training conversations are rewritten with `in_order`.
+ACTION_FIRST = tuple(Action.model_fields)
+THOUGHT_FIRST = ("thought", "action", "args", "message")
+
+
+def step_example(keys: tuple[str, ...] = ACTION_FIRST) -> str:
     """The one-line shape of a step the contract shows, in `Action`'s key order (the order it is written in)."""
     return "{" + ", ".join(f'"{k}": {{...}}' if k == "args" else f'"{k}": "..."' for k in keys) + "}"
 
@@ -33,12 +40,39 @@ ACTION_CONTRACT = (
 )
 
 
-# What a teacher's `thought` should be: a short rationale written after the action it backs, the
-# shape the oracle writes and the student learns from.
+# What a teacher's `thought` should be: a short rationale of the action it backs, the shape the
+# oracle writes and the student learns from (before or after the action, as the student writes).
 THOUGHT_GUIDE = (
-    'The "thought" is one short sentence written after the action and its args: what the customer wants and the '
+    'The "thought" is one short sentence: what the customer wants and the '
     'policy clause that decides it, with any numbers it compares written before the comparison, e.g. "Refund 45 days after purchase; refunds within 35 days; 45 is more than 35: escalate billing_exception."'
 )
+
+
+def reorder(text: str, keys: tuple[str, ...]) -> str:
+    """A step's JSON with its keys in this order (text that is not a JSON object with an action unchanged)."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        return text
+    if not isinstance(obj, dict) or "action" not in obj:
+        return text
+    first = {k: obj[k] for k in keys if k in obj}
+    return json.dumps({**first, **obj}, separators=(",", ":"), ensure_ascii=False)
+
+
+def in_order(messages: list[dict[str, str]], keys: tuple[str, ...]) -> list[dict[str, str]]:
+    """A conversation as a student of this key order reads it: the contract's example and every
+    assistant step in that order."""
+    if keys == ACTION_FIRST:
+        return messages
+    out = []
+    for m in messages:
+        if m["role"] == "assistant":
+            m = {**m, "content": reorder(m["content"], keys)}
+        elif m["role"] == "system":
+            m = {**m, "content": m["content"].replace(step_example(), step_example(keys))}
+        out.append(m)
+    return out
 
 
 @dataclass(frozen=True)

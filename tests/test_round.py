@@ -155,3 +155,38 @@ def test_a_later_round_starts_from_the_adapter_that_collected(tiny_model_dir, tm
     assert started == ["", v1, "", ""]
     assert store.adapter("v0002").config["start_from"] == v1 and store.adapter("v0002").parent == "v0001"
     assert [e.payload["start_from"] for e in store.events(kind="training_started")] == [None, "v0001", None, None]
+
+
+def test_a_thought_first_round_trains_on_thoughts_first_and_stores_apprentice_s_order(tiny_model_dir, tmp_path):
+    """With `thought_first` (config: thought_samples > 0) the adapter trains on every step and on the
+    contract's example written thought first, as its sampling student reads them; the store keeps
+    apprentice's own order, so the same examples can train either kind of student."""
+    from environments.builtin import build_packs
+    from loop.records import register_packs
+    from loop.round import RoundSettings, RoundSummary, Runtime, collect_demonstrations, ensure_base_evaluated, retrain
+    from loop.train import LoraSettings, train_adapter
+    from policies.hf import HFStudent
+    from policies.protocol import THOUGHT_FIRST, reorder, step_example
+    from policies.teacher import OracleTeacher
+
+    trained_on = []
+
+    def train(model_dir, conversations, out_dir, settings):
+        trained_on.extend(conversations)
+        return train_adapter(model_dir, conversations, out_dir, settings, progress=False)
+
+    store = Store.open(tmp_path / "a.db")
+    rt = Runtime(store=store, packs=build_packs(0), student=HFStudent(tiny_model_dir, max_new_tokens=16, batch_size=4, thought_samples=2),
+                 teacher=OracleTeacher(), train=train, model_dir=tiny_model_dir, base_model="tiny", adapters_dir=tmp_path / "adapters",
+                 settings=RoundSettings(eval_tickets=1, max_steps=4, calibration_tickets=1, validation_companies=0, thought_first=True),
+                 lora=LoraSettings(r=4, alpha=8, epochs=1, batch_size=4), progress=False)
+    register_packs(store, rt.packs)
+    ensure_base_evaluated(rt)
+    collect_demonstrations(rt, [(p, p.tickets[0]) for p in rt.train_packs[:2]], 1)
+    retrain(rt, 1, RoundSummary(1, "test"))
+    steps = [m["content"] for c in trained_on for m in c if m["role"] == "assistant"]
+    assert steps and all(s.startswith('{"thought":') for s in steps)
+    assert all(step_example(THOUGHT_FIRST) in c[0]["content"] and step_example() not in c[0]["content"] for c in trained_on)
+    stored = [m["content"] for e in store.examples() for m in e.messages if m["role"] == "assistant"]
+    assert all(s.startswith('{"action":') for s in stored) and {reorder(s, THOUGHT_FIRST) for s in stored} == set(steps)
+    assert store.adapter("v0001").status in ("rejected_by_gate", "awaiting_approval")  # calibrated and evaluated by the sampling student

@@ -1,0 +1,97 @@
+"""Sampled thoughts (`HFStudent(thought_samples=k)`): p(escalate) is the mean over k sampled thoughts,
+and the step the student writes continues the thought that leans toward the decision, which τ makes.
+
+The student is the tiny model taught one ticket with two answers, half the time each: a thought
+that finds the refund late and escalates, and one that finds it in time and replies. One thought
+decides (p(escalate) after it is near 0 or 1); over sampled thoughts p lies between."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from environments.actions import ACTIONS
+from policies.hf import ESCALATE, Continue, EscalationGate, HFStudent, action_first_token_ids, action_token_ids
+from policies.protocol import ACTION_CONTRACT, ACTION_FIRST, THOUGHT_FIRST, in_order, parse_action, step_example
+
+PROMPT = [{"role": "system", "content": f"You are the support agent of Acme.\n\n{ACTION_CONTRACT}"},
+          {"role": "user", "content": "Customer: I want my money back for the blender."}]
+LATE = ('{"thought":"Late: bought 45 days ago, refunds within 35: escalate.","action":"escalate",'
+        '"args":{"reason":"billing_exception"},"message":"A colleague will review your refund."}')
+IN_TIME = '{"thought":"In time: bought 10 days ago, refunds within 35.","action":"reply","args":{},"message":"Your refund is on its way."}'
+
+
+@pytest.fixture(scope="module")
+def taught_dir(tmp_path_factory, tiny_model_dir, smollm2_tokenizer):
+    """The tiny model trained (every weight, full batch) on both answers to PROMPT as a thought-first student reads it."""
+    tok = smollm2_tokenizer
+    prompt = tok.apply_chat_template(in_order(PROMPT, THOUGHT_FIRST), add_generation_prompt=True, return_dict=False)
+    rows = [prompt + tok.encode(answer + "<|im_end|>", add_special_tokens=False) for answer in (LATE, IN_TIME)]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
+    labels = torch.tensor([[-100] * len(prompt) + r[len(prompt):] + [-100] * (width - len(r)) for r in rows])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(30):
+        optimizer.zero_grad()
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.05  # what is left is the coin flip between the two thoughts (ln 2 over ~50 tokens)
+    path = tmp_path_factory.mktemp("taught")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def student(path, k: int, **kwargs) -> HFStudent:
+    return HFStudent(path, max_new_tokens=80, batch_size=8, thought_samples=k, seed=0, **kwargs)
+
+
+def test_one_thought_decides_and_the_mean_over_sampled_thoughts_lies_between(taught_dir):
+    single = student(taught_dir, 1)
+    draws = [single.escalation_probabilities([PROMPT])[0] for _ in range(12)]
+    assert all(p < 0.05 or p > 0.95 for p in draws) and any(p < 0.05 for p in draws) and any(p > 0.95 for p in draws)
+    p = student(taught_dir, 16).escalation_probabilities([PROMPT])[0]
+    assert 0.15 < p < 0.85
+
+
+@pytest.mark.parametrize("tau, action, answer", [(0.05, "escalate", LATE), (0.95, "reply", IN_TIME)])
+@pytest.mark.parametrize("json_mode", [False, True])
+def test_tau_on_the_mean_decides_and_the_thought_that_leans_that_way_is_written(taught_dir, tau, action, answer, json_mode):
+    s = student(taught_dir, 8, json_mode=json_mode)
+    s.threshold = tau  # what load_adapter reads from an adapter's operating_point.json
+    [g] = s.generate_with_info([PROMPT])
+    assert g.text == answer  # the whole step, thought first, cut where its object ends
+    parsed = parse_action(g.text)
+    assert parsed.action is not None and parsed.action.action == action
+    assert 0.05 < g.p_escalate < 0.95  # the mean over the 8 thoughts, not the kept thought's own
+    assert g.completion_tokens == len(s.tokenizer.encode(answer, add_special_tokens=False))
+
+
+def test_a_thought_first_student_reads_its_prompt_and_earlier_steps_thought_first():
+    earlier = {"role": "assistant", "content": '{"action":"search_kb","args":{"query":"refund"},"thought":"Look it up.","message":""}'}
+    system, step = in_order([PROMPT[0], earlier], THOUGHT_FIRST)
+    assert step_example(THOUGHT_FIRST) in system["content"] and step_example() not in system["content"]
+    assert step["content"].startswith('{"thought":"Look it up.","action":"search_kb"')
+    assert in_order([PROMPT[0], earlier], ACTION_FIRST) == [PROMPT[0], earlier]  # apprentice's own order: as stored
+
+
+def test_a_continued_row_spells_the_decided_name_from_its_first_token(smollm2_tokenizer):
+    """The gate of a continuation: the row's prompt ends at `"action":"`, its p is the mean given, and
+    the name it spells is the decision's even where the model favours the other side."""
+    tok = smollm2_tokenizer
+    ids = tok.encode('{"thought":"Refund 45 days after purchase.","action":"', add_special_tokens=False)
+    start = len(ids)
+    gate = EscalationGate(tok, action_first_token_ids(tok), start, None, rows=1, decisions=[Continue(0.4, True, len(ids))])
+    assert gate.p_escalate == [0.4] and gate.decided_at == [0]
+    wanted = action_token_ids(tok)[ESCALATE]
+    reply = action_token_ids(tok)[ACTIONS.index("reply")]
+    for step in range(len(wanted)):
+        scores = torch.zeros(1, len(tok))
+        scores[0, reply[min(step, len(reply) - 1)]] = 9.0  # the model would write reply
+        scores[0, wanted[step]] += 1.0
+        ids.append(int(gate(torch.tensor([ids]), scores)[0].argmax()))
+    assert ids[start:] == wanted and gate.p_escalate == [0.4]
