@@ -106,9 +106,10 @@ class HFStudent:
             validated (and can still be invalid, e.g. cut off by max_new_tokens).
         prefix_cache: prefill a batch's shared prompt prefix once, not once per row (same outputs).
         use_threshold: apply the loaded adapter's operating point τ (False: the raw greedy policy).
-        thought_samples: 0 writes the action first. k > 0 writes the thought first (prompts in
-            THOUGHT_FIRST order) and decides on the mean p(escalate) over k thoughts sampled at
-            `thought_temperature` (see "Sampled thoughts" in the module docstring).
+        thought_samples: 0 writes the action first. k > 0: an adapter (trained so) writes the thought
+            first (prompts in THOUGHT_FIRST order) and decides on the mean p(escalate) over k thoughts
+            sampled at `thought_temperature` (see "Sampled thoughts" in the module docstring); the base
+            model, never taught to reason first, still answers as it always did.
         """
         if dtype != "auto" and dtype not in DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, not {dtype!r}")
@@ -183,7 +184,7 @@ class HFStudent:
 
     def generate_with_info(self, prompts: list[list[Message]], *, stop_at_action: bool = False) -> list[Generation]:
         """Like `act`, with the adapter that answered, token counts and p(escalate) for each prompt."""
-        if self.thought_samples:
+        if self.thought_samples and self.adapter_id is not None:  # the base model was never taught to reason first
             return self._sampled([self._render(in_order(m, THOUGHT_FIRST)) for m in prompts], stop_at_action)
         return [g for g, _ in self._batched([self._render(m) for m in prompts], stop_at_action=stop_at_action)]
 

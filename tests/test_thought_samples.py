@@ -3,12 +3,15 @@ and the step the student writes continues the thought that leans toward the deci
 
 The student is the tiny model taught one ticket with two answers, half the time each: a thought
 that finds the refund late and escalates, and one that finds it in time and replies. One thought
-decides (p(escalate) after it is near 0 or 1); over sampled thoughts p lies between."""
+decides (p(escalate) after it is near 0 or 1); over sampled thoughts p lies between. Sampling
+applies to an adapter, so the taught model is the base here and carries a no-op adapter (LoRA's
+B = 0)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from environments.actions import ACTIONS
@@ -43,11 +46,18 @@ def taught_dir(tmp_path_factory, tiny_model_dir, smollm2_tokenizer):
     path = tmp_path_factory.mktemp("taught")
     model.save_pretrained(path)
     tok.save_pretrained(path)
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(path / "adapter")
     return path
 
 
 def student(path, k: int, **kwargs) -> HFStudent:
-    return HFStudent(path, max_new_tokens=80, batch_size=8, thought_samples=k, seed=0, **kwargs)
+    return HFStudent(path, adapter=path / "adapter", max_new_tokens=80, batch_size=8, thought_samples=k, seed=0, **kwargs)
+
+
+def test_the_base_model_answers_as_it_always_did(taught_dir):
+    """Without an adapter the student was never taught to reason first: no sampling, apprentice's order."""
+    plain = HFStudent(taught_dir, max_new_tokens=80, thought_samples=0).generate_with_info([PROMPT])
+    assert HFStudent(taught_dir, max_new_tokens=80, thought_samples=8).generate_with_info([PROMPT]) == plain
 
 
 def test_one_thought_decides_and_the_mean_over_sampled_thoughts_lies_between(taught_dir):
