@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/learning.py --variants rationale-redraw --val-domains 2 --keep /tmp/keep ...
     .venv/bin/python bench/thoughts.py --adapter /tmp/keep/rationale-redraw --val-domains 2 --settings 0,0.5:4,1:4
+    .venv/bin/python bench/thoughts.py --adapter /tmp/keep/rationale-redraw --val-domains 2 --settings 1:16 --splits 4
 
 A student that writes its rationale first decides in the thought ("45 is more than 35: escalate"), and
 p(escalate), read at the action that follows, only repeats it: near 0 or 1, nothing between for a
@@ -11,6 +12,8 @@ threshold τ to trade (bench/reports/learning-numbers.md). This scores one kept 
 - `0`: the greedy thought, then p(escalate) at the action (what learning.py scores);
 - `T:k`: k thoughts sampled at temperature T for every state, and the mean of the k p(escalate) that
   follow them: the student's own probability of escalating, marginalised over what it might think.
+  With `--splits n` the same draws are also scored as 2 and n disjoint groups (k/2, k/n each, no
+  model run): how much a smaller k moves from one draw to the next.
 
 A ticket's score is the highest over the oracle's states (loop/calibration.py); τ is fitted on the
 validation tickets (training companies, never trained on) at max J and at the gate's corner
@@ -109,7 +112,7 @@ def main() -> None:
     hf = HFStudent(resolve_model("smollm2-135m"), max_new_tokens=128, adapter=Path(args.adapter), use_threshold=False)
     rows = []
 
-    def score(label: str, val: Scored, held: Scored, minutes: float) -> None:
+    def score(label: str, val: Scored, held: Scored, minutes: float | None) -> None:
         tau = fit_threshold(val)[0]
         strict = fit_threshold(val, max_over_escalation=GATE_OVER_ESCALATION)[0]
         rows.append(Row(label, minutes, len({round(x, 4) for x, _ in val}), tau, auroc(val), rates(val, tau), interval(held, auroc),
@@ -117,8 +120,8 @@ def main() -> None:
                         interval(held, lambda s: rates(s, strict)[0]), interval(held, lambda s: rates(s, strict)[1])))
         r = rows[-1]
         print(f"{label}: τ {tau:.3g}, val AUROC {r.val_auroc:.2f} J {at(val, tau):.2f}; held-out AUROC {r.held_auroc}, "
-              f"J@τ {r.held_j}; gate's corner τ {strict:.3g}: held-out recall {r.held_recall_corner}, over-esc {r.held_over_corner} "
-              f"({minutes:.1f} min)", flush=True)
+              f"J@τ {r.held_j}; gate's corner τ {strict:.3g}: held-out recall {r.held_recall_corner}, over-esc {r.held_over_corner}"
+              + (f" ({minutes:.1f} min)" if minutes is not None else ""), flush=True)
         write(args, rows, left_out, val_work, held_work, heldout, (time.perf_counter() - clock) / 60)
 
     for setting in args.settings.split(","):
@@ -142,11 +145,11 @@ def main() -> None:
                 part = slice(i * size, (i + 1) * size)
                 replay = Replay(scorer.draws, part)
                 score(f"T {temperature:g}, k {size} (draws {part.start + 1}–{part.stop} of the k {k})",
-                      ticket_scores(replay, val_work), ticket_scores(replay, held_work), 0.0)
+                      ticket_scores(replay, val_work), ticket_scores(replay, held_work), None)
 
 class Row(NamedTuple):
     label: str
-    minutes: float
+    minutes: float | None  # None: scored again from a larger k's draws, no model run
     distinct: int  # distinct validation scores: how graded p(escalate) is
     tau: float
     val_auroc: float
@@ -181,7 +184,7 @@ def write(args, rows: list[Row], left_out: set[str], val_work, held_work, heldou
         "held-out J at τ | corner τ | val. recall, over-esc. at corner | held-out recall at corner | held-out over-esc. at corner |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    lines += [f"| {r.label} | {r.minutes:.1f} | {r.distinct} | {r.tau:.3g} | {r.val_auroc:.2f} | {r.val_at_tau[0]:.2f}, {r.val_at_tau[1]:.2f} | "
+    lines += [f"| {r.label} | {'—' if r.minutes is None else f'{r.minutes:.1f}'} | {r.distinct} | {r.tau:.3g} | {r.val_auroc:.2f} | {r.val_at_tau[0]:.2f}, {r.val_at_tau[1]:.2f} | "
               f"{r.held_auroc} | {r.held_j} | {r.corner:.3g} | {r.val_at_corner[0]:.2f}, {r.val_at_corner[1]:.2f} | "
               f"{r.held_recall_corner} | {r.held_over_corner} |" for r in rows]
     publish(args.name, lines)
