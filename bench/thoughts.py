@@ -25,6 +25,7 @@ Every k sampled rows of a state form one batch, so the state's whole prompt is c
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from pathlib import Path
@@ -101,6 +102,8 @@ def main() -> None:
     parser.add_argument("--splits", type=int, default=1,
                         help="also score each sampled setting's k draws as this many disjoint groups of k/splits "
                              "(and k/2 when it is 4 or more), to see how steady a smaller k is")
+    parser.add_argument("--draws", default="", help="write each sampled setting's draws (every state's k p(escalate)) to this "
+                                                    "JSON file, '{setting}' in the name replaced by it, e.g. /tmp/draws-{setting}.json")
     parser.add_argument("--name", default="thoughts", help="report name under bench/reports/")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -134,7 +137,11 @@ def main() -> None:
         scorer = Sampled(student, k) if k > 1 else student
         started = time.perf_counter()
         val = ticket_scores(scorer, val_work)
+        validation_states = len(scorer.draws) if k > 1 else 0
         held = ticket_scores(scorer, held_work)
+        if args.draws and k > 1:  # every state's k p(escalate), in the order ticket_scores visits them
+            Path(args.draws.format(setting=setting.replace(":", "-"))).write_text(json.dumps(
+                {"setting": setting, "validation": scorer.draws[:validation_states], "heldout": scorer.draws[validation_states:]}))
         label = "greedy thought" if k == 1 else f"T {temperature:g}, k {k}"
         score(label, val, held, (time.perf_counter() - started) / 60)
         if k == 1:
