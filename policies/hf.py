@@ -236,29 +236,26 @@ class HFStudent:
         leans furthest toward that decision, continued from its action name with the decision imposed."""
         k = self.thought_samples
         drafts = self._batched([ids for ids in prompt_ids for _ in range(k)], stop_at_action=True, temperature=self.thought_temperature)
-        kept, decisions, generations = [], [], []
+        generations: list = [None] * len(prompt_ids)
+        todo = []  # (index, prompt + its kept thought, Continue) of each step that goes on past its action name
         for i, ids in enumerate(prompt_ids):
             group = drafts[i * k : (i + 1) * k]
             reached = [(g.p_escalate, d) for g, d in group if g.p_escalate is not None]
             if not reached:  # no thought reached an action name within max_new_tokens: nothing to decide
-                generations.append(group[0][0])
+                generations[i] = group[0][0]
                 continue
             p = sum(q for q, _ in reached) / k  # a thought that never reached its action counts as not escalating
             escalate = p >= (self.threshold if self.threshold is not None else 0.5)
             _, draft = (max if escalate else min)(reached, key=lambda r: r[0])
             thought = draft.new_ids[: draft.decided_at]
-            generations.append(Generation(self.tokenizer.decode(thought, skip_special_tokens=True), self.adapter_id, len(ids), len(thought), p))
-            if not stop_at_action:
-                kept.append((i, thought))
-                decisions.append(Continue(p, escalate, len(thought)))
-        if kept:
-            steps = self._batched([prompt_ids[i] + thought for i, thought in kept], decisions=decisions)
-            for (i, thought), (g, decoded) in zip(kept, steps):
-                new_ids = thought + decoded.new_ids
-                text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
-                if self.json_mode:
-                    text = text[: json_object_end(text) or len(text)]
-                generations[i] = Generation(text, g.adapter_id, len(prompt_ids[i]), len(new_ids), g.p_escalate)
+            if stop_at_action:
+                generations[i] = Generation(self.tokenizer.decode(thought, skip_special_tokens=True), self.adapter_id, len(ids), len(thought), p)
+            else:
+                todo.append((i, ids + thought, Continue(p, escalate, len(thought))))
+        if todo:
+            at, prompts, decisions = zip(*todo)
+            for i, (g, _) in zip(at, self._batched(list(prompts), decisions=list(decisions))):
+                generations[i] = g
         return generations
 
     @torch.inference_mode()
@@ -313,10 +310,12 @@ class HFStudent:
         for row, (ids, new_ids) in enumerate(zip(prompt_ids, out_B_T[:, prompt_len:].tolist())):
             # A finished row is filled with padding, which may be the same id as end-of-turn: count neither.
             new_ids = new_ids[: next((i for i, t in enumerate(new_ids) if t in end_ids), len(new_ids))]
-            text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
-            if self.json_mode and not decisions:  # a continued step is cut where its whole object (thought included) ends
+            lead = decisions[row].lead if decisions else 0  # a continued step: its thought, at the prompt's end, is its own
+            step_ids = ids[len(ids) - lead :] + new_ids
+            text = self.tokenizer.decode(step_ids, skip_special_tokens=True)
+            if self.json_mode:
                 text = text[: json_object_end(text) or len(text)]
-            generations.append((Generation(text, adapter_id, len(ids), len(new_ids), gate.p_escalate[row]),
+            generations.append((Generation(text, adapter_id, len(ids) - lead, len(step_ids), gate.p_escalate[row]),
                                 Decoded(new_ids, gate.decided_at[row])))
         return generations
 
