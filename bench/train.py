@@ -24,6 +24,10 @@ after the other, each in a fresh process (so that its peak memory is its own):
   bench/learning.py, worse on validation in the main command's continued second round): the lower half frozen, so backward stops halfway;
 - the same with all three memory bounds.
 
+A key ending in "+unpadded" runs its variant with the token counts as they are, not rounded up to a
+few matrix shapes (`loop.train.ROWS_MULTIPLE`): the trainer before 2026-12-06, whose oneDNN kernel
+caches grew with every new shape; one ending in "+mmap", with glibc's mmap threshold fixed at 1 MiB.
+
 Every variant autocasts to bfloat16 where `train_precision = "auto"` does (a CPU with AMX or AVX-512 BF16):
 TRL's SFTConfig turns bf16 on by default, so "before" always ran that way (bench/step.py compares
 float32 and bf16 steps).
@@ -99,18 +103,21 @@ def train_before(model_dir: Path, conversations: list, settings: LoraSettings) -
     return {"seconds": seconds, "loss": output.training_loss, "steps": output.global_step, "peak": peak_rss_gb()}
 
 
-def _start_process(threads: int, mmap_threshold: int) -> None:
+def _start_process(threads: int, mmap_threshold: int, unpadded: bool) -> None:
     torch.set_num_threads(threads)
     if mmap_threshold:
         train.fix_mmap_threshold(mmap_threshold)
+    if unpadded:  # every packed length as it is: a new matrix shape for oneDNN at almost every step
+        train.ROWS_MULTIPLE = train.ROW_MULTIPLE = 1
 
 
-def in_fresh_process(fn, *args, mmap_threshold: int = 0, **kwargs):
+def in_fresh_process(fn, *args, mmap_threshold: int = 0, unpadded: bool = False, **kwargs):
     """`fn(*args, **kwargs)` in a new Python process with this one's torch threads, so that each
     variant's peak memory is its own (a process never hands all its freed heap back); with
-    `mmap_threshold`, that process's allocations from that size up are mapped on their own (glibc)."""
+    `mmap_threshold`, that process's allocations from that size up are mapped on their own (glibc);
+    `unpadded`, its token counts are not rounded up for oneDNN (`loop.train.ROWS_MULTIPLE`)."""
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_start_process,
-                             initargs=(torch.get_num_threads(), mmap_threshold)) as pool:
+                             initargs=(torch.get_num_threads(), mmap_threshold, unpadded)) as pool:
         return pool.submit(fn, *args, **kwargs).result()
 
 
@@ -141,11 +148,12 @@ def main() -> None:
     known = list(variants(LoraSettings()))
     parser.add_argument("--variants", default=",".join(known),
                         help=f"comma-separated, of {', '.join(known)} (default: all); a key ending in +mmap runs with"
-                             f" glibc's mmap threshold fixed at {MMAP_THRESHOLD >> 10} KiB")
+                             f" glibc's mmap threshold fixed at {MMAP_THRESHOLD >> 10} KiB, one ending in +unpadded"
+                             " without rounding token counts up to a few matrix shapes")
     parser.add_argument("--name", default="train", help="report name under bench/reports/")
     args = parser.parse_args()
     keys = args.variants.split(",")
-    if unknown := {k.removesuffix("+mmap") for k in keys} - set(known):
+    if unknown := {k.split("+")[0] for k in keys} - set(known):
         parser.error(f"unknown variant(s) {sorted(unknown)}")
     torch.set_num_threads(os.cpu_count() or 1)
 
@@ -162,15 +170,17 @@ def main() -> None:
     rows = []  # (key, name, steps, seconds, loss, peak GB)
     with tempfile.TemporaryDirectory() as tmp:
         for key in keys:
-            name, settings = variants(base)[key.removesuffix("+mmap")]
-            mmap = MMAP_THRESHOLD if key.endswith("+mmap") else 0
+            name, settings = variants(base)[key.split("+")[0]]
+            mmap = MMAP_THRESHOLD if "+mmap" in key else 0
+            unpadded = "+unpadded" in key
             name += f", mmap threshold {MMAP_THRESHOLD >> 10} KiB" if mmap else ""
+            name += ", token counts as they are (not rounded up)" if unpadded else ""
             if settings is None:
-                r = in_fresh_process(train_before, model_dir, conversations, base, mmap_threshold=mmap)
+                r = in_fresh_process(train_before, model_dir, conversations, base, mmap_threshold=mmap, unpadded=unpadded)
                 rows.append((key, name, r["steps"], r["seconds"], r["loss"], r["peak"]))
             else:
                 r = in_fresh_process(train_adapter, model_dir, conversations, Path(tmp) / key, settings, progress=False,
-                                     mmap_threshold=mmap)
+                                     mmap_threshold=mmap, unpadded=unpadded)
                 rows.append((key, name, r.steps, r.seconds, r.train_loss, r.peak_memory_gb))
     seconds = {key: s for key, _, _, s, _, _ in rows}
     reference_key = next((k for k in ("before", "default") if k in seconds), rows[0][0])

@@ -21,10 +21,14 @@ shared prefix and the packing cut those tokens about 3x at batch 8; `loss_backwa
 the rows through backward in chunks of `chunk_tokens` past the prefix, against the prefix's keys
 and values held as leaves, and run the prefix's backward once at the end, so a step holds the
 prefix's activations and one chunk's, whatever the batch. `recompute_layers` goes further: each
-decoder layer of the rows' pass runs under `checkpoint` and keeps only its input, its activations
-computed again in backward (one more forward of the rows); the prefix's keys and values reach it
-through a read-only `PrefixCache`, so the replay attends to the same. Only the hidden states that
-predict a trained token reach the LM head (49k-wide). In float32, attention runs in SDPA's fused kernels,
+decoder layer, the prefix's and the rows', runs under `checkpoint` and keeps only its input, its
+activations computed again in backward (one more forward); the prefix's keys and values reach the
+rows' replay through a read-only `PrefixCache`, and the prefix's own replay through a
+`_ReplayableCache`, so a replay attends to the same. Only the hidden states that predict a trained
+token reach the LM head (49k-wide), `HEAD_CHUNK` of them at a time, their logits computed again in
+backward. A step's token counts are rounded up to a few shapes (`ROWS_MULTIPLE`, `ROW_MULTIPLE`):
+oneDNN compiles kernels for every new matrix shape and keeps them, which grew a run's memory step
+after step by gigabytes. In float32, attention runs in SDPA's fused kernels,
 which keep no T×T tensor; under bf16 autocast the suffixes' attention is written in matmuls, which
 bf16 speeds up where the fused CPU kernel gains nothing (`_prefix_keys_once`), and recomputed in
 backward rather than keeping its attention weights (~40% of what a step kept). Under bf16 the
@@ -75,6 +79,12 @@ PROBE_TEXTS = (
     '{"action": "escalate", "args": {"reason": "billing_exception"}, "thought": "Policy says escalate.", "message": "A colleague will help."}',
 )
 MIN_SHARED_PREFIX = 32  # shorter common prefixes are not worth a separate forward pass
+# Token counts a step's matmuls see are rounded up to multiples of these (`_padded`): oneDNN compiles
+# and keeps kernels for every new matrix shape (~1-2.5 MB each, in two caches of 1,024), so a
+# trainer that fed it every packed length grew by gigabytes over a run (bench/train.py --variants).
+ROWS_MULTIPLE = 64  # the packed suffix tokens of a chunk, and the trained tokens reaching the LM head
+ROW_MULTIPLE = 32  # one row's own block in `_prefix_keys_once`
+HEAD_CHUNK = 256  # trained tokens per pass through the LM head (`_head_loss`)
 LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # The tokens that carry the decision inside an assistant step: the action's name and the reason code.
 _DECISION = re.compile(r'"(?:action|reason)":\s*"([a-z_]+)"')
@@ -251,11 +261,15 @@ def _prefix_keys_once(query, key, value, rows: list[int], scale: float) -> torch
     for q, s_prefix, k, v in zip(q_H_N_D.split(rows, dim=2), scores_H_N_P.split(rows, dim=2),
                                  key[:, :, P:].split(rows, dim=2), value[:, :, P:].split(rows, dim=2)):
         S = q.shape[2]
-        s_own = by_head(by_key_head(q) @ k.transpose(2, 3), S)
-        s_own = s_own.masked_fill(torch.ones(S, S, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-        w_prefix, w_own = torch.softmax(torch.cat([s_prefix, s_own], dim=3), dim=3).to(v.dtype).split([P, S], dim=3)
-        weights_prefix.append(w_prefix)
-        outputs_own.append(by_head(by_key_head(w_own) @ v, S))
+        # The row's block rounded up with zeros (`ROW_MULTIPLE`): the causal mask hides the filler
+        # keys from the row's queries, and the filler queries' outputs are cut off.
+        q, s_prefix, k, v = (_padded(x, ROW_MULTIPLE, dim=2) for x in (q, s_prefix, k, v))
+        n = q.shape[2]
+        s_own = by_head(by_key_head(q) @ k.transpose(2, 3), n)
+        s_own = s_own.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        w_prefix, w_own = torch.softmax(torch.cat([s_prefix, s_own], dim=3), dim=3).to(v.dtype).split([P, n], dim=3)
+        weights_prefix.append(w_prefix[:, :, :S])
+        outputs_own.append(by_head(by_key_head(w_own) @ v, n)[:, :, :S])
     return by_head(by_key_head(torch.cat(weights_prefix, dim=2)) @ value[:, :, :P], N) + torch.cat(outputs_own, dim=2)
 
 
@@ -297,15 +311,16 @@ def loss_backward(model, batch: dict[str, torch.Tensor], *, share: bool = True, 
     which collect the chunks' gradients, and the prefix's own backward runs last, on their sum.
     `recompute_prefix` runs the prefix without gradients first and again with them at the end, so
     its activations and a chunk's are never held together (one more prefix forward per step).
-    `recompute_layers` runs each decoder layer of the rows' pass under `checkpoint`: it keeps its
-    input for backward and computes its activations again there (one more forward of the rows).
+    `recompute_layers` runs each decoder layer under `checkpoint`, the prefix's and the rows': it
+    keeps its input for backward and computes its activations again there (one more forward).
     The forward passes run under `autocast()`, the backward passes outside it."""
     decoder, head = _decoder_and_head(model)
     P = shared_prefix_len(batch["input_ids"], batch["labels"]) if share else 0
 
     def prefix_cache():
-        with autocast():
-            return decoder(input_ids=batch["input_ids"][:1, :P], use_cache=True).cache
+        layers = _layers_recomputed(decoder) if recompute_layers and torch.is_grad_enabled() else contextlib.nullcontext()
+        with autocast(), layers:
+            return decoder(input_ids=batch["input_ids"][:1, :P], cache=_ReplayableCache(config=decoder.config), use_cache=True).cache
 
     cache, leaves = None, []
     if P:
@@ -327,6 +342,17 @@ def loss_backward(model, batch: dict[str, torch.Tensor], *, share: bool = True, 
         if prefix:  # empty only when no weight of the decoder trains
             torch.autograd.backward(*zip(*prefix))
     return loss
+
+
+class _ReplayableCache(DynamicCache):
+    """The prefix's cache, filled by one forward pass whose layers may run again in backward (under
+    `checkpoint`): a layer's replay attends to its own keys and values, as the first pass did, and
+    the cache keeps the first pass's."""
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self.layers[layer_idx].is_initialized:
+            return key_states, value_states
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
 
 class PrefixCache(DynamicCache):
@@ -391,16 +417,46 @@ def _rows_loss_sum(decoder, head, batch: dict[str, torch.Tensor], rows: list[int
     else:
         ids_S = torch.cat([input_ids_B_T[b, P:L] for b, L in enumerate(lengths)])
         positions_S = torch.cat([torch.arange(P, L, device=ids_S.device) for L in lengths])
+        suffix_rows = [L - P for L in lengths]
+        if pad := -len(ids_S) % ROWS_MULTIPLE:  # a filler row of its own: no other row attends to it
+            ids_S, positions_S = _padded(ids_S, ROWS_MULTIPLE), torch.cat([positions_S, torch.arange(P, P + pad, device=ids_S.device)])
+            suffix_rows.append(pad)
         with _suffix_attention(decoder):
             hidden_S_D = decoder(input_ids=ids_S[None], position_ids=positions_S[None], cache=cache, use_cache=True,
-                                 suffix_rows=[L - P for L in lengths]).last_hidden_state[0]
+                                 suffix_rows=suffix_rows).last_hidden_state[0]
         # Token s of row b predicts that row's next token; the row's last token predicts nothing.
         no_target = torch.tensor([-100], device=ids_S.device)
         targets_S = torch.cat([torch.cat([labels_B_T[b, P + 1 : L], no_target]) for b, L in enumerate(lengths)])
         w_S = torch.cat([torch.cat([weights_B_T[b, P + 1 : L], no_target.float()]) for b, L in enumerate(lengths)])
+        targets_S, w_S = F.pad(targets_S, (0, pad), value=-100), F.pad(w_S, (0, pad))  # the filler row predicts nothing
         trained_S = targets_S != -100
         hidden_N_D, targets_N, weights_N = hidden_S_D[trained_S], targets_S[trained_S], w_S[trained_S]
-    return (F.cross_entropy(head(hidden_N_D).float(), targets_N, reduction="none") * weights_N).sum()
+        # Zero rows of weight 0 round the LM head's tokens up too: they add exactly nothing.
+        hidden_N_D, targets_N, weights_N = (_padded(x, ROWS_MULTIPLE) for x in (hidden_N_D, targets_N, weights_N))
+    return _head_loss(head, hidden_N_D, targets_N, weights_N)
+
+
+def _head_loss(head, hidden_N_D: torch.Tensor, targets_N: torch.Tensor, weights_N: torch.Tensor) -> torch.Tensor:
+    """Weighted sum of the next-token losses of `hidden_N_D`, through the LM head `HEAD_CHUNK` tokens
+    at a time, each chunk's logits computed again in backward: a step holds the 49k-wide logits
+    (and their float32 log-softmax) of one chunk, not of every trained token of the batch."""
+
+    def part(h_n_D, t_n, w_n):
+        return (F.cross_entropy(head(h_n_D).float(), t_n, reduction="none") * w_n).sum()
+
+    chunks = zip(*(x.split(HEAD_CHUNK) for x in (hidden_N_D, targets_N, weights_N)))
+    if not torch.is_grad_enabled():
+        return sum(part(*c) for c in chunks)
+    return sum(checkpoint(part, *c, use_reentrant=False) for c in chunks)
+
+
+def _padded(x: torch.Tensor, multiple: int, dim: int = 0) -> torch.Tensor:
+    """`x` with zeros appended along `dim` up to a multiple of `multiple` of its length."""
+    if not (pad := -x.shape[dim] % multiple):
+        return x
+    shape = list(x.shape)
+    shape[dim] = pad
+    return torch.cat([x, x.new_zeros(shape)], dim=dim)
 
 
 class AssistantLossTrainer(SFTTrainer):

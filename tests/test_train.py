@@ -1,6 +1,7 @@
 """Training on the tiny model: the shared-prefix loss equals the unshared one (loss and every LoRA
 gradient), adapter weights change and base weights do not, the mask and the weights are right."""
 
+import contextlib
 import functools
 import json
 import subprocess
@@ -214,6 +215,60 @@ def test_recomputing_the_layers_under_bf16_computes_the_same(tiny_model_dir, tok
     (loss, grads), (again, regrads) = results
     assert loss == again and all(torch.equal(g, regrads[n]) for n, g in grads.items())
     assert all("forward" not in vars(layer) for layer in train._decoder_and_head(model)[0].layers)  # unwrapped after the step
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_token_counts_rounded_up_to_few_shapes_add_nothing(tiny_model_dir, tokenizer, monkeypatch, bf16):
+    """Every matrix a shared step multiplies has a token count rounded up to `ROWS_MULTIPLE` (filler
+    rows and zero rows of weight 0), so oneDNN meets few shapes over a run; loss and gradients stay
+    those of the exact counts."""
+    batch = collate([vars(encode(tokenizer, c, max_length=1024)) for c in conversations(3)])
+    P = shared_prefix_len(batch["input_ids"], batch["labels"])
+    assert (sum(batch["lengths"]) - 3 * P) % train.ROWS_MULTIPLE  # the rows alone would not fill a multiple
+    model = lora_model(tiny_model_dir)
+    autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext
+    seen, rounded = [], train.ROWS_MULTIPLE
+    hooks = [m.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[-2]))
+             for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    results = []
+    for multiples in ((train.ROWS_MULTIPLE, train.ROW_MULTIPLE), (1, 1)):
+        monkeypatch.setattr(train, "ROWS_MULTIPLE", multiples[0])
+        monkeypatch.setattr(train, "ROW_MULTIPLE", multiples[1])
+        model.zero_grad()
+        seen.clear()
+        loss = train.loss_backward(model, batch, chunk_tokens=0, autocast=autocast)
+        results.append((loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, set(seen)))
+    for h in hooks:
+        h.remove()
+    (loss, grads, shapes), (exact_loss, exact_grads, exact_shapes) = results
+    assert P in shapes and shapes - {P} and all(n % rounded == 0 for n in shapes - {P}), shapes
+    assert any(n % rounded for n in exact_shapes - {P}), exact_shapes  # the comparison is not with itself
+    tolerance = 1e-2 if bf16 else 1e-5  # other matrix shapes may block their sums otherwise
+    assert abs(loss - exact_loss) <= tolerance * abs(exact_loss)
+    assert all((g - exact_grads[n]).norm() <= tolerance * exact_grads[n].norm() for n, g in grads.items())
+
+
+def test_the_lm_head_runs_in_chunks_and_keeps_no_logits_for_backward(tiny_model_dir, tokenizer, monkeypatch):
+    batch = collate([vars(encode(tokenizer, c, max_length=1024)) for c in conversations(3)])
+    model = lora_model(tiny_model_dir)
+    vocab = model.get_output_embeddings().weight.shape[0]
+
+    def step():
+        logits = []
+        model.zero_grad()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: logits.append(t.dim() > 0 and t.shape[-1] == vocab) or t, lambda t: t):
+            loss = train.loss_backward(model, batch, chunk_tokens=0)
+        return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, any(logits)
+
+    monkeypatch.setattr(train, "HEAD_CHUNK", 10**6)
+    whole_loss, whole_grads, _ = step()
+    monkeypatch.setattr(train, "HEAD_CHUNK", 8)
+    loss, grads, kept = step()
+    assert not kept  # what a chunk saves is its hidden states; its logits come again in backward
+    assert abs(loss - whole_loss) <= 1e-5 * abs(whole_loss)
+    assert all((g - whole_grads[n]).norm() <= 1e-5 * whole_grads[n].norm() for n, g in grads.items())
+    monkeypatch.setattr(train, "checkpoint", lambda fn, *args, **kwargs: fn(*args))
+    assert step()[2]  # without the recompute, the logits would be kept
 
 
 def test_company_batches_hold_one_company_and_cover_every_conversation_each_pass():
