@@ -25,8 +25,8 @@ after the other, each in a fresh process (so that its peak memory is its own):
 - the same with all three memory bounds.
 
 A key ending in "+unpadded" runs its variant with the token counts as they are, not rounded up to a
-few matrix shapes (`loop.train.ROWS_MULTIPLE`): the trainer before 2026-12-06, whose oneDNN kernel
-caches grew with every new shape; one ending in "+mmap", with glibc's mmap threshold fixed at 1 MiB.
+few matrix shapes (`loop.train.ROWS_MULTIPLE`), as the trainer took them before 2026-12-06, its oneDNN
+kernel caches growing with every new shape; one ending in "+mmap", with glibc's mmap threshold fixed at 1 MiB.
 
 Every variant autocasts to bfloat16 where `train_precision = "auto"` does (a CPU with AMX or AVX-512 BF16):
 TRL's SFTConfig turns bf16 on by default, so "before" always ran that way (bench/step.py compares
