@@ -22,11 +22,13 @@ after the other, each in a fresh process (so that its peak memory is its own):
 - "shared prefix, chunks, its forward twice, each layer recomputed": all three memory bounds at once;
 - "shared prefix, LoRA on the top 15 layers" (`lora_layers = 15`; as good as every layer for a fresh adapter in
   bench/learning.py, worse on validation in the main command's continued second round): the lower half frozen, so backward stops halfway;
-- the same with all three memory bounds.
+- the same with each layer recomputed, and with all three memory bounds.
 
 A key ending in "+unpadded" runs its variant with the token counts as they are, not rounded up to a
 few matrix shapes (`loop.train.ROWS_MULTIPLE`), as the trainer took them before 2026-12-06, its oneDNN
-kernel caches growing with every new shape; one ending in "+mmap", with glibc's mmap threshold fixed at 1 MiB.
+kernel caches growing with every new shape; one ending in "+uncapped", with oneDNN's own 1,024 kernels
+per cache, as before 2026-12-06 07:00 (`loop.train.KERNEL_CACHE`); one ending in "+mmap", with glibc's mmap
+threshold fixed at 1 MiB.
 
 Every variant autocasts to bfloat16 where `train_precision = "auto"` does (a CPU with AMX or AVX-512 BF16):
 TRL's SFTConfig turns bf16 on by default, so "before" always ran that way (bench/step.py compares
@@ -103,21 +105,24 @@ def train_before(model_dir: Path, conversations: list, settings: LoraSettings) -
     return {"seconds": seconds, "loss": output.training_loss, "steps": output.global_step, "peak": peak_rss_gb()}
 
 
-def _start_process(threads: int, mmap_threshold: int, unpadded: bool) -> None:
+def _start_process(threads: int, mmap_threshold: int, unpadded: bool, uncapped: bool) -> None:
     torch.set_num_threads(threads)
+    if uncapped:  # oneDNN's own default: 1,024 kernels in each of its two caches
+        os.environ["LRU_CACHE_CAPACITY"] = os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = "1024"
     if mmap_threshold:
         train.fix_mmap_threshold(mmap_threshold)
     if unpadded:  # every packed length as it is: a new matrix shape for oneDNN at almost every step
         train.ROWS_MULTIPLE = train.ROW_MULTIPLE = 1
 
 
-def in_fresh_process(fn, *args, mmap_threshold: int = 0, unpadded: bool = False, **kwargs):
+def in_fresh_process(fn, *args, mmap_threshold: int = 0, unpadded: bool = False, uncapped: bool = False, **kwargs):
     """`fn(*args, **kwargs)` in a new Python process with this one's torch threads, so that each
     variant's peak memory is its own (a process never hands all its freed heap back); with
     `mmap_threshold`, that process's allocations from that size up are mapped on their own (glibc);
-    `unpadded`, its token counts are not rounded up for oneDNN (`loop.train.ROWS_MULTIPLE`)."""
+    `unpadded`, its token counts are not rounded up for oneDNN (`loop.train.ROWS_MULTIPLE`); `uncapped`,
+    oneDNN keeps 1,024 kernels per cache (`loop.train.KERNEL_CACHE`)."""
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_start_process,
-                             initargs=(torch.get_num_threads(), mmap_threshold, unpadded)) as pool:
+                             initargs=(torch.get_num_threads(), mmap_threshold, unpadded, uncapped)) as pool:
         return pool.submit(fn, *args, **kwargs).result()
 
 
@@ -135,6 +140,10 @@ def variants(base: LoraSettings) -> dict[str, tuple[str, LoraSettings | None]]:
         "layers": ("shared prefix, each layer recomputed", dataclasses.replace(base, recompute_layers=True)),
         "bounded": ("shared prefix, chunks, its forward twice, each layer recomputed", bounded),
         "top": (f"shared prefix, LoRA on the top {TOP_LAYERS} layers", dataclasses.replace(base, lora_layers=TOP_LAYERS)),
+        "top-layers": (f"shared prefix, LoRA on the top {TOP_LAYERS} layers, each layer recomputed",
+                       dataclasses.replace(base, lora_layers=TOP_LAYERS, recompute_layers=True)),
+        "top-chunked": (f"shared prefix, LoRA on the top {TOP_LAYERS} layers, chunks, each layer recomputed",
+                        dataclasses.replace(chunks, lora_layers=TOP_LAYERS, recompute_layers=True)),
         "top-bounded": (f"shared prefix, LoRA on the top {TOP_LAYERS} layers, chunks, its forward twice, each layer recomputed",
                         dataclasses.replace(bounded, lora_layers=TOP_LAYERS)),
     }
@@ -149,7 +158,8 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(known),
                         help=f"comma-separated, of {', '.join(known)} (default: all); a key ending in +mmap runs with"
                              f" glibc's mmap threshold fixed at {MMAP_THRESHOLD >> 10} KiB, one ending in +unpadded"
-                             " without rounding token counts up to a few matrix shapes")
+                             " without rounding token counts up to a few matrix shapes, one ending in +uncapped with"
+                             " oneDNN's 1,024 kernels per cache")
     parser.add_argument("--name", default="train", help="report name under bench/reports/")
     args = parser.parse_args()
     keys = args.variants.split(",")
@@ -172,15 +182,17 @@ def main() -> None:
         for key in keys:
             name, settings = variants(base)[key.split("+")[0]]
             mmap = MMAP_THRESHOLD if "+mmap" in key else 0
-            unpadded = "+unpadded" in key
+            unpadded, uncapped = "+unpadded" in key, "+uncapped" in key
             name += f", mmap threshold {MMAP_THRESHOLD >> 10} KiB" if mmap else ""
             name += ", token counts as they are (not rounded up)" if unpadded else ""
+            name += ", 1,024 kernels per oneDNN cache" if uncapped else ""
             if settings is None:
-                r = in_fresh_process(train_before, model_dir, conversations, base, mmap_threshold=mmap, unpadded=unpadded)
+                r = in_fresh_process(train_before, model_dir, conversations, base, mmap_threshold=mmap, unpadded=unpadded,
+                                     uncapped=uncapped)
                 rows.append((key, name, r["steps"], r["seconds"], r["loss"], r["peak"]))
             else:
                 r = in_fresh_process(train_adapter, model_dir, conversations, Path(tmp) / key, settings, progress=False,
-                                     mmap_threshold=mmap, unpadded=unpadded)
+                                     mmap_threshold=mmap, unpadded=unpadded, uncapped=uncapped)
                 rows.append((key, name, r.steps, r.seconds, r.train_loss, r.peak_memory_gb))
     seconds = {key: s for key, _, _, s, _, _ in rows}
     reference_key = next((k for k in ("before", "default") if k in seconds), rows[0][0])

@@ -28,7 +28,8 @@ rows' replay through a read-only `PrefixCache`, and the prefix's own replay thro
 token reach the LM head (49k-wide), `HEAD_CHUNK` of them at a time, their logits computed again in
 backward. A step's token counts are rounded up to a few shapes (`ROWS_MULTIPLE`, `ROW_MULTIPLE`):
 oneDNN compiles kernels for every new matrix shape and keeps them, which grew a run's memory step
-after step by gigabytes. In float32, attention runs in SDPA's fused kernels,
+after step by gigabytes; `cap_kernel_caches` keeps each of its two caches to `KERNEL_CACHE` kernels.
+In float32, attention runs in SDPA's fused kernels,
 which keep no T×T tensor; under bf16 autocast the suffixes' attention is written in matmuls, which
 bf16 speeds up where the fused CPU kernel gains nothing (`_prefix_keys_once`), and recomputed in
 backward rather than keeping its attention weights (~40% of what a step kept). Under bf16 the
@@ -84,6 +85,9 @@ MIN_SHARED_PREFIX = 32  # shorter common prefixes are not worth a separate forwa
 # trainer that fed it every packed length grew by gigabytes over a run (bench/train.py --variants).
 ROWS_MULTIPLE = 64  # the packed suffix tokens of a chunk, and the trained tokens reaching the LM head
 ROW_MULTIPLE = 32  # one row's own block in `_prefix_keys_once`
+# And each cache holds this many kernels, not 1,024: a step reuses its few shapes in every layer,
+# while the shared prefix's length differs per company and policy draw, each a new set of kernels.
+KERNEL_CACHE = 64
 HEAD_CHUNK = 256  # trained tokens per pass through the LM head (`_head_loss`)
 LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # The tokens that carry the decision inside an assistant step: the action's name and the reason code.
@@ -572,6 +576,7 @@ def train_adapter(model_dir: Path, conversations: list[list[dict[str, str]]], ou
     if not conversations:
         raise ValueError("no training conversations")
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    cap_kernel_caches()
     out_dir = Path(out_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.chat_template = training_template(tokenizer)
@@ -633,6 +638,14 @@ def reset_peak_rss() -> None:
         Path(f"/proc/{os.getpid()}/clear_refs").write_text("5")
     except OSError:
         pass
+
+
+def cap_kernel_caches(size: int = KERNEL_CACHE) -> None:
+    """Keep oneDNN's kernel caches (PyTorch's and oneDNN's own) to `size` kernels each in this process,
+    unless the environment already says how many. Each reads its variable when first used, so this
+    counts only before the process's first bf16 matmul; a training process comes here first."""
+    for variable in ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY"):
+        os.environ.setdefault(variable, str(size))
 
 
 def fix_mmap_threshold(size: int) -> bool:

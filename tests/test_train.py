@@ -4,6 +4,7 @@ gradient), adapter weights change and base weights do not, the mask and the weig
 import contextlib
 import functools
 import json
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -416,3 +417,45 @@ def test_a_fixed_mmap_threshold_hands_freed_activations_back(tmp_path):
             for how in ("default", "fixed")}
     assert held["default"] > 150  # MB of freed activations the process kept
     assert held["fixed"] < 30
+
+
+SHAPE_AFTER_SHAPE = """
+import sys
+import torch
+from loop.train import cap_kernel_caches
+if sys.argv[1] == "capped":
+    cap_kernel_caches()
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 1e6
+linear = torch.nn.Linear(576, 1536)
+x = torch.randn(8, 576)
+with torch.autocast("cpu", dtype=torch.bfloat16):
+    linear(x).sum().backward()
+start = rss_mb()
+for n in range(64, 64 + 300):  # a token count oneDNN has not seen: new kernels, forward and backward
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        linear(torch.randn(n, 576)).sum().backward()
+print(rss_mb() - start)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists() or not train.use_bf16("auto", "cpu"),
+                    reason="reads resident memory from /proc (Linux); bf16 matmuls go through oneDNN on CPUs with bf16 units")
+def test_capped_kernel_caches_keep_a_run_of_new_shapes_from_growing_the_process(tmp_path, monkeypatch):
+    """oneDNN compiles kernels for every new matrix shape and, by default, keeps 1,024 per cache."""
+    for variable in ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY"):
+        monkeypatch.delenv(variable, raising=False)
+    script = tmp_path / "shapes.py"
+    script.write_text(SHAPE_AFTER_SHAPE)
+    grown = {how: float(subprocess.run([sys.executable, str(script), how], check=True, capture_output=True, text=True,
+                                       cwd=Path(train.__file__).parents[1]).stdout)
+             for how in ("uncapped", "capped")}
+    assert grown["capped"] < grown["uncapped"] / 2, grown
+
+
+def test_kernel_caches_capped_unless_the_environment_says(monkeypatch):
+    monkeypatch.delenv("LRU_CACHE_CAPACITY", raising=False)
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "512")
+    train.cap_kernel_caches()
+    assert os.environ["LRU_CACHE_CAPACITY"] == str(train.KERNEL_CACHE)
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "512"
