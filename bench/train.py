@@ -21,8 +21,9 @@ after the other, each in a fresh process (so that its peak memory is its own):
   `checkpoint`, keeping its input for backward and computing its activations again there;
 - "shared prefix, chunks, its forward twice, each layer recomputed": all three memory bounds at once;
 - "shared prefix, LoRA on the top 15 layers" (`lora_layers = 15`; as good as every layer for a fresh adapter in
-  bench/learning.py, worse on validation in the main command's continued second round): the lower half frozen, so backward stops halfway;
-- the same with each layer recomputed, and with all three memory bounds.
+  bench/learning.py and in the main command of 2026-12-06): the lower half frozen, so backward stops halfway;
+- the same with each layer recomputed (apprentice's default since 2026-12-06: "top-layers"), with chunks and
+  each layer recomputed, and with all three memory bounds.
 
 A key ending in "+unpadded" runs its variant with the token counts as they are, not rounded up to a
 few matrix shapes (`loop.train.ROWS_MULTIPLE`), as the trainer took them before 2026-12-06, its oneDNN
