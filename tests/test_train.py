@@ -387,6 +387,14 @@ def test_a_new_adapter_starts_from_an_earlier_one_of_the_same_shape(tiny_model_d
                       progress=False)
 
 
+def run_script(tmp_path, text: str, arg: str) -> float:
+    """`text` run as a fresh Python process from the repo root with `arg`; the number it prints."""
+    script = tmp_path / "script.py"
+    script.write_text(text)
+    return float(subprocess.run([sys.executable, str(script), arg], check=True, capture_output=True, text=True,
+                                cwd=Path(train.__file__).parents[1]).stdout)
+
+
 FRAGMENTING_STEP = """
 import sys
 if sys.argv[1] == "fixed":
@@ -410,11 +418,7 @@ print(rss_mb() - start)
 def test_a_fixed_mmap_threshold_hands_freed_activations_back(tmp_path):
     """glibc raises its mmap threshold whenever a mapped block is freed, so a step's later
     activations come from the heap and, freed between live small tensors, stay with the process."""
-    script = tmp_path / "step.py"
-    script.write_text(FRAGMENTING_STEP)
-    held = {how: float(subprocess.run([sys.executable, str(script), how], check=True, capture_output=True, text=True,
-                                      cwd=Path(train.__file__).parents[1]).stdout)
-            for how in ("default", "fixed")}
+    held = {how: run_script(tmp_path, FRAGMENTING_STEP, how) for how in ("default", "fixed")}
     assert held["default"] > 150  # MB of freed activations the process kept
     assert held["fixed"] < 30
 
@@ -445,11 +449,7 @@ def test_capped_kernel_caches_keep_a_run_of_new_shapes_from_growing_the_process(
     """oneDNN compiles kernels for every new matrix shape and, by default, keeps 1,024 per cache."""
     for variable in ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY"):
         monkeypatch.delenv(variable, raising=False)
-    script = tmp_path / "shapes.py"
-    script.write_text(SHAPE_AFTER_SHAPE)
-    grown = {how: float(subprocess.run([sys.executable, str(script), how], check=True, capture_output=True, text=True,
-                                       cwd=Path(train.__file__).parents[1]).stdout)
-             for how in ("uncapped", "capped")}
+    grown = {how: run_script(tmp_path, SHAPE_AFTER_SHAPE, how) for how in ("uncapped", "capped")}
     assert grown["capped"] < grown["uncapped"] / 2, grown
 
 
