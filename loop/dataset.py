@@ -1,10 +1,12 @@
 """From stored examples to the training set: aggregate, deduplicated, held-out refused, escalation
-turns oversampled to a configured share of all assistant turns."""
+turns oversampled to a configured share of all assistant turns; for an adapter that continues
+another, what is new since that one plus a replayed sample of the rest."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -53,6 +55,18 @@ def build_dataset(examples: Iterable[ExampleRow], *, heldout: set[str], escalati
     digest = hashlib.sha256("\n".join(sorted(unique)).encode()).hexdigest()[:16]
     sources = dict(sorted(Counter(ex.source for ex in rows).items()))
     return TrainingSet(conversations, len(rows), turns, escalations / turns if turns else 0.0, digest, sources)
+
+
+def with_replay(examples: list[ExampleRow], *, since: int, ratio: float, seed: int = 0) -> list[ExampleRow]:
+    """For an adapter that starts from one trained on the examples up to id `since`: the newer ones,
+    and `ratio` times as many of the older ones drawn at random (rehearsal: the new examples weigh
+    as much as they would in a fresh pass over everything, and what was learned is still practised).
+    `ratio` inf, or nothing new: every example."""
+    new = [e for e in examples if (e.id or 0) > since]
+    old = [e for e in examples if (e.id or 0) <= since]
+    if not new or math.isinf(ratio):
+        return list(examples)
+    return new + random.Random(seed).sample(old, min(len(old), round(ratio * len(new))))
 
 
 def oversample_escalations(conversations: list[Conversation], share: float, *, seed: int = 0) -> list[Conversation]:

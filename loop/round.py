@@ -19,7 +19,7 @@ from environments.episode import SupportEpisode
 from environments.pack import Pack, Ticket
 from loop.calibration import fit_operating_point, plot_calibration, save_operating_point
 from loop.correct import Corrected, score_correct
-from loop.dataset import build_dataset
+from loop.dataset import build_dataset, with_replay
 from loop.evaluate import evaluate, run_episodes, training_pool
 from loop.gate import gate
 from loop.metrics import TicketOutcome, report
@@ -51,6 +51,7 @@ class RoundSettings:
     auto_approve: bool = False
     collect_with: str = "promoted"  # "promoted" | "newest"
     continue_training: bool = True  # a new adapter starts from the collecting adapter's weights (same LoRA shape and base)
+    replay: float = 1.0  # ... and trains on what is new since that one plus this many times as many older examples (inf: all)
     selection: str = "uniform"  # "uniform" | "uncertainty" | "mixed": loop/selection.py
     selection_pool: int = 3  # candidates scored per ticket picked
     calibration_tickets: int = 10  # validation tickets per training company that τ is fitted on (per policy draw)
@@ -162,24 +163,27 @@ def collect(rt: Runtime, round_no: int) -> RoundSummary:
 
 
 def retrain(rt: Runtime, round_no: int, summary: RoundSummary) -> RoundSummary:
-    """Train an adapter on everything collected so far, evaluate it, and gate it."""
+    """Train an adapter on what was collected so far, evaluate it, and gate it."""
     store, s = rt.store, rt.settings
     collector = collecting_adapter(store, s.collect_with)
 
-    # 3. dataset: every accepted example of every round, held-out companies refused, and those of the
+    # 3. dataset: the accepted examples of every round, held-out companies refused, and those of the
     #    companies left out for τ, but for corrected production traces (what the production loop is for).
+    #    An adapter that starts from the weights of the one that collected (whose own errors the
+    #    corrections repair) trains on what is new since that one and a replayed sample of the rest.
     heldout = {p.id for p in rt.heldout_packs}
     left_out = {p.id for p in rt.validation_packs} if rt.left_out else set()
     examples = [e for e in store.examples(exclude_companies=tuple(heldout)) if e.company_id not in left_out or e.source == "production"]
-    dataset = build_dataset(examples, heldout=heldout, escalation_share=s.escalation_share, seed=s.seed + round_no)
+    parent = store.adapter(collector) if collector and s.continue_training else None
+    start = parent.path if parent and parent.base_model == rt.base_model and same_shape(parent.path, rt.lora) else ""
+    trained = with_replay(examples, since=parent.config.get("examples_through", 0), ratio=s.replay, seed=s.seed + round_no) \
+        if start else examples
+    dataset = build_dataset(trained, heldout=heldout, escalation_share=s.escalation_share, seed=s.seed + round_no)
 
-    # 4. train a new adapter version on it: from the weights of the adapter that collected (whose own
-    #    errors the corrections repair), so each round adds a pass to what it learned, or fresh.
+    # 4. train a new adapter version on it, from the collector's weights or fresh.
     clock = time.perf_counter()
     version = store.next_adapter_version()
     path = rt.adapters_dir / version
-    parent = store.adapter(collector) if collector and s.continue_training else None
-    start = parent.path if parent and parent.base_model == rt.base_model and same_shape(parent.path, rt.lora) else ""
     lora = replace(rt.lora, start_from=start)
     store.add_adapter(AdapterRow(version=version, parent=collector, path=str(path), base_model=rt.base_model, status="training",
                                  data_hash=dataset.data_hash, config={**asdict(lora), "round": round_no, "method": s.method,

@@ -60,6 +60,7 @@ class Config:
     lora_dropout: float = _f(0.0, "LoRA dropout (0 = none; on CPU dropout costs ~15% of a training step).")
     epochs: float = _f(1.0, "Passes over the training set per adapter.")
     continue_training: bool = _f(True, "A new adapter starts from the weights of the adapter that collected its round's data (same LoRA shape and base), so each round adds its pass to what that one learned; false: every adapter starts fresh.")
+    replay: float = _f(1.0, "An adapter that continues another trains on the examples collected since that one and this many times as many older ones drawn at random (rehearsal); inf: on every example again, a full pass over everything.")
     learning_rate: float = _f(1e-3, "Peak learning rate (cosine decay); LoRA runs of under ~100 steps want 1e-3 (bench/learning.py).")
     train_batch_size: int = _f(8, "Conversations per training step; one company's, its system message computed once (shared prefix).")
     grad_accum: int = _f(1, "Gradient accumulation steps.")
@@ -108,6 +109,8 @@ class Config:
             raise ValueError(f"inbox_every_seconds must be > 0, got {self.inbox_every_seconds}")
         if self.warm_start_tickets < 0 or self.rollout_tickets < 0 or self.epochs <= 0:
             raise ValueError("warm_start_tickets and rollout_tickets must be >= 0, epochs > 0")
+        if not self.replay >= 0:  # nan too
+            raise ValueError(f"replay must be >= 0 (inf: every example), got {self.replay}")
         if not 0 <= self.thought_samples <= 64:
             raise ValueError(f"thought_samples must lie in [0, 64], got {self.thought_samples}")
         if not 0 <= self.policy_redraws <= 20:

@@ -1,10 +1,11 @@
-"""The training set: aggregate, deduplicated, held-out refused, escalation turns oversampled."""
+"""The training set: aggregate, deduplicated, held-out refused, escalation turns oversampled; a
+continued adapter's: the new examples and a replayed sample of the older ones."""
 
 import json
 
 import pytest
 
-from loop.dataset import build_dataset
+from loop.dataset import build_dataset, with_replay
 from store import ExampleRow
 
 
@@ -55,3 +56,16 @@ def test_hash_is_stable_and_content_based():
     rows = [example(conv("reply", tag=str(i))) for i in range(3)]
     assert build_dataset(rows, heldout=set()).data_hash == build_dataset(rows[::-1], heldout=set()).data_hash
     assert build_dataset(rows[:2], heldout=set()).data_hash != build_dataset(rows, heldout=set()).data_hash
+
+
+def test_a_continued_adapter_trains_on_the_new_examples_and_a_replayed_sample_of_the_old():
+    rows = [ExampleRow(id=i, source="simulation", company_id="acme", messages=conv("reply", tag=str(i)), has_escalation=False)
+            for i in range(1, 31)]
+    picked = with_replay(rows, since=26, ratio=2.0, seed=1)  # 4 new since the parent's 26
+    assert [r.id for r in picked[:4]] == [27, 28, 29, 30]
+    old = [r.id for r in picked[4:]]
+    assert len(old) == 8 and len(set(old)) == 8 and max(old) <= 26
+    assert old != [r.id for r in with_replay(rows, since=26, ratio=2.0, seed=2)[4:]]  # drawn by the seed
+    assert len(with_replay(rows, since=10, ratio=5.0)) == 30  # never more old ones than there are
+    assert with_replay(rows, since=26, ratio=float("inf")) == rows  # inf: every example
+    assert with_replay(rows, since=30, ratio=1.0) == rows  # nothing new: every example

@@ -121,7 +121,8 @@ def test_tau_is_fitted_on_training_companies_left_out_of_training(tiny_model_dir
 
 def test_a_later_round_starts_from_the_adapter_that_collected(tiny_model_dir, tmp_path):
     """With `continue_training`, the next adapter starts from the collecting adapter's weights when its
-    LoRA shape matches; another shape, or the setting off, trains a fresh one."""
+    LoRA shape matches, on the examples new since that one and `replay` times as many older ones;
+    another shape, or the setting off, trains a fresh one on every example."""
     from dataclasses import replace
 
     from environments.builtin import build_packs
@@ -146,7 +147,8 @@ def test_a_later_round_starts_from_the_adapter_that_collected(tiny_model_dir, tm
     ensure_base_evaluated(rt)
     collect_demonstrations(rt, [(p, p.tickets[0]) for p in rt.train_packs[:2]], 1)
     retrain(rt, 1, RoundSummary(1, "test"))  # nothing trained yet: fresh
-    retrain(rt, 2, RoundSummary(2, "test"))  # from v0001, the newest
+    collect_demonstrations(rt, [(p, p.tickets[1]) for p in rt.train_packs[:1]], 2)
+    retrain(rt, 2, RoundSummary(2, "test"))  # from v0001, the newest: its new example and one older one
     rt.lora = replace(rt.lora, r=8)
     retrain(rt, 3, RoundSummary(3, "test"))  # v0002's rank differs: fresh
     rt.settings = replace(rt.settings, continue_training=False)
@@ -155,6 +157,8 @@ def test_a_later_round_starts_from_the_adapter_that_collected(tiny_model_dir, tm
     assert started == ["", v1, "", ""]
     assert store.adapter("v0002").config["start_from"] == v1 and store.adapter("v0002").parent == "v0001"
     assert [e.payload["start_from"] for e in store.events(kind="training_started")] == [None, "v0001", None, None]
+    assert [store.adapter(v).config["examples"] for v in ("v0001", "v0002", "v0003", "v0004")] == [2, 2, 3, 3]
+    assert store.adapter("v0002").config["examples_through"] == 3  # it has seen every example, through v0001
 
 
 def test_a_thought_first_round_trains_on_thoughts_first_and_stores_apprentice_s_order(tiny_model_dir, tmp_path):
