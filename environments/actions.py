@@ -29,7 +29,7 @@ PRIORITIES = ("low", "normal", "high")
 TICKET_STATUSES = ("open", "pending", "solved")
 
 # Which args each action takes, and which must be non-empty strings / one of a set.
-_REQUIRED_ARGS: dict[str, dict[str, tuple[str, ...] | None]] = {
+REQUIRED_ARGS: dict[str, dict[str, tuple[str, ...] | None]] = {
     "search_kb": {"query": None},
     "create_ticket": {"summary": None, "priority": PRIORITIES},
     "update_ticket": {"ticket_id": None, "note": None, "status": TICKET_STATUSES},
@@ -58,7 +58,7 @@ class Action(BaseModel):
 
     @model_validator(mode="after")
     def _check_args(self) -> Action:
-        spec = _REQUIRED_ARGS[self.action]
+        spec = REQUIRED_ARGS[self.action]
         extra = set(self.args) - set(spec)
         if extra:
             raise ValueError(f"{self.action} takes no args {sorted(extra)}")

@@ -51,7 +51,7 @@ class RoundSettings:
     auto_approve: bool = False
     collect_with: str = "promoted"  # "promoted" | "newest"
     continue_training: bool = True  # a new adapter starts from the collecting adapter's weights (same LoRA shape and base)
-    replay: float = 1.0  # ... and trains on what is new since that one plus this many times as many older examples (inf: all)
+    replay: float = float("inf")  # ... on what is new since that one plus this many times as many older examples (inf: all)
     selection: str = "uniform"  # "uniform" | "uncertainty" | "mixed": loop/selection.py
     selection_pool: int = 3  # candidates scored per ticket picked
     calibration_tickets: int = 10  # validation tickets per training company that τ is fitted on (per policy draw)

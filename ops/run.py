@@ -73,7 +73,7 @@ def build_runtime(cfg: Config, *, progress: bool = True) -> Runtime:
     model_dir = resolve_model(cfg.model)
     start_ray(cfg.ray_address)
     options = StudentOptions(load_in_4bit=cfg.load_in_4bit, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
-                             thought_samples=cfg.thought_samples)
+                             thought_samples=cfg.thought_samples, json_mode=cfg.json_mode)
     pool = RayStudentPool(model_dir, options, n=cfg.rollout_workers, threads=cfg.threads)
     return Runtime(
         store=Store.open(cfg.db), packs=packs, student=pool, teacher=build_teacher(cfg),

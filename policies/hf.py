@@ -31,16 +31,24 @@ their k p(escalate): its probability of escalating, over what it might think. Th
 mean ≥ τ; the thought that leans furthest toward it is continued, greedily, from its action name,
 which the gate spells as decided (the continuation has `max_new_tokens` of its own). It costs k
 thoughts' decoding per step (bench/thoughts.py measures what it buys).
+
+**json_mode** decodes every step under the protocol's JSON schema (`step_schema`, compiled once by
+xgrammar): at each token only those that keep the text a prefix of a valid step are allowed, so the
+step is one of the six actions with exactly its args, in the protocol's key order, its strings
+bounded, and it ends where its object closes. What is left to the model is every choice inside
+that shape; the gate above still decides the action name and the reason code's spelling.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
+import xgrammar
 from peft import PeftModel
 from transformers import (
     AutoModelForCausalLM,
@@ -53,7 +61,7 @@ from transformers import (
 )
 
 from environments.actions import ACTIONS, REASONS
-from policies.protocol import THOUGHT_FIRST, in_order
+from policies.protocol import ACTION_FIRST, THOUGHT_FIRST, in_order, step_schema
 from policies.student import Generation, Message, operating_point
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -101,9 +109,8 @@ class HFStudent:
         dtype: "auto" is float32 on CPU and bfloat16 on CUDA; else one of `DTYPES`.
         device: "cuda" when available, else "cpu".
         temperature: 0 decodes greedily; above 0 samples, from a stream seeded once by `seed`.
-        json_mode: force each completion to start with '{' and stop where that object's braces
-            close. This constrains the shape only, not the action schema: outputs are still
-            validated (and can still be invalid, e.g. cut off by max_new_tokens).
+        json_mode: decode every step under the protocol's JSON schema (see the module docstring).
+            Outputs are still validated: a step cut off by max_new_tokens is still invalid.
         prefix_cache: prefill a batch's shared prompt prefix once, not once per row (same outputs).
         use_threshold: apply the loaded adapter's operating point τ (False: the raw greedy policy).
         thought_samples: 0 writes the action first. k > 0: an adapter (trained so) writes the thought
@@ -147,7 +154,8 @@ class HFStudent:
         # corrupting the base. So on CPU every swap starts from a copy taken before any forward.
         self._untouched_base = copy.deepcopy(self.model) if load_in_4bit and self.device.type == "cpu" else None
         self.adapter_id: str | None = None
-        self._brace_token_ids: torch.Tensor | None = None  # built on first json_mode use
+        self._grammars: dict[tuple[str, ...], xgrammar.CompiledGrammar] = {}  # step_schema by key order, on first json_mode use
+        self._quotes: torch.Tensor | None = None  # which tokens hold a '"', on first json_mode use
         self._action_ids = action_first_token_ids(self.tokenizer)
         self._reason_ids = reason_token_ids(self.tokenizer)
         self._action_names = action_token_ids(self.tokenizer)
@@ -289,11 +297,11 @@ class HFStudent:
                               decisions=decisions)
         processors, stops = LogitsProcessorList([gate]), StoppingCriteriaList()
         if self.json_mode:
-            # A continued thought's object opened in its prompt: the completion starts at its own tokens.
-            starts = [prompt_len - c.lead for c in decisions] if decisions else [prompt_len] * B
-            if not decisions:
-                processors.append(_StartWithBrace(self._brace_ids(), prompt_len))
-            stops.append(_StopAfterJsonObject(self.tokenizer, starts))
+            # After the gate: the grammar narrows what the gate allows. A continued thought's object
+            # opened in its prompt: its matcher first reads the step's tokens written so far.
+            keys = THOUGHT_FIRST if self.thought_samples and self.adapter_id is not None else ACTION_FIRST
+            leads = [ids[len(ids) - c.lead :] for ids, c in zip(prompt_ids, decisions)] if decisions else [[]] * B
+            processors.append(StepGrammar(self._grammar(keys), prompt_len, leads, self.max_new_tokens, self._quote_ids()))
         if stop_at_action:
             stops.append(_StopAfterDecision(gate))
         out_B_T = self.model.generate(
@@ -319,12 +327,19 @@ class HFStudent:
                                 Decoded(new_ids, gate.decided_at[row])))
         return generations
 
-    def _brace_ids(self) -> torch.Tensor:
-        if self._brace_token_ids is None:
-            pieces = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
-            ids = [i for i, piece in enumerate(pieces) if piece.startswith("{")]
-            self._brace_token_ids = torch.tensor(ids, device=self.device)
-        return self._brace_token_ids
+    def _quote_ids(self) -> torch.Tensor:
+        if self._quotes is None:
+            pieces = self.tokenizer.convert_ids_to_tokens(list(range(self.model.config.vocab_size)))
+            self._quotes = torch.tensor(['"' in (p or "") for p in pieces], device=self.device)
+        return self._quotes
+
+    def _grammar(self, keys: tuple[str, ...]) -> xgrammar.CompiledGrammar:
+        if keys not in self._grammars:
+            # Compact separators: steps are written (and trained on) as pydantic serializes them.
+            info = xgrammar.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.model.config.vocab_size)
+            self._grammars[keys] = xgrammar.GrammarCompiler(info, max_threads=1).compile_json_schema(
+                json.dumps(step_schema(keys)), any_whitespace=False, separators=(",", ":"))
+        return self._grammars[keys]
 
 
 @torch.inference_mode()
@@ -469,32 +484,41 @@ class _StopAfterDecision(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.gate.decided, device=input_ids.device)
 
 
-class _StartWithBrace(LogitsProcessor):
-    """At the first generated position allow only tokens whose text starts with '{'."""
+class StepGrammar(LogitsProcessor):
+    """Each row may write only tokens that keep its step a prefix of one the grammar accepts (then
+    end-of-text). `leads`: tokens of each row's step already in its prompt (a continued thought).
 
-    def __init__(self, allowed_ids: torch.Tensor, prompt_len: int):
-        self.allowed_ids = allowed_ids
-        self.prompt_len = prompt_len
+    Strings are bounded in characters, but a run of digits is a token a character, so a step can
+    still reach `budget` tokens inside a string. In its last `CLOSING` tokens a row therefore takes
+    a token holding a '"' wherever the grammar and the gate allow one (closing the string it is in,
+    or writing the next key), so it ends, closed, within the budget."""
+
+    CLOSING = 20  # what is left after any string: `"},"thought":"","message":"x"}` and end-of-text
+
+    def __init__(self, grammar: xgrammar.CompiledGrammar, prompt_len: int, leads: list[list[int]], budget: int,
+                 quotes: torch.Tensor):
+        self.prompt_len, self.budget, self.quotes = prompt_len, budget, quotes
+        self.matchers = [xgrammar.GrammarMatcher(grammar) for _ in leads]
+        self.live = [all(m.accept_token(t) for t in lead) for m, lead in zip(self.matchers, leads)]
+        self.bitmask = xgrammar.allocate_token_bitmask(len(leads), grammar.tokenizer_info.vocab_size)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if input_ids.shape[1] > self.prompt_len:
-            return scores
-        masked = torch.full_like(scores, float("-inf"))
-        masked[:, self.allowed_ids] = scores[:, self.allowed_ids]
-        return masked
-
-
-class _StopAfterJsonObject(StoppingCriteria):
-    """Stop a row once its completion, from its column in `starts`, holds one whole JSON object (the
-    text after it is cut off later)."""
-
-    def __init__(self, tokenizer, starts: list[int]):
-        self.tokenizer = tokenizer
-        self.starts = starts
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        texts = self.tokenizer.batch_decode([row[start:] for row, start in zip(input_ids.tolist(), self.starts)], skip_special_tokens=True)
-        return torch.tensor([json_object_end(text) is not None for text in texts], device=input_ids.device)
+        xgrammar.reset_token_bitmask(self.bitmask)  # all allowed: a finished or lost row is left alone
+        for row, m in enumerate(self.matchers):
+            if not self.live[row] or m.is_terminated():
+                continue
+            # A token outside the grammar (only if other processors left nothing it allows): the row
+            # goes on unconstrained, and its step is recorded invalid, as written.
+            if input_ids.shape[1] > self.prompt_len and not m.accept_token(int(input_ids[row, -1])):
+                self.live[row] = False
+            elif not m.is_terminated():
+                m.fill_next_token_bitmask(self.bitmask, row)
+        xgrammar.apply_token_bitmask_inplace(scores, self.bitmask.to(scores.device))
+        if input_ids.shape[1] - self.prompt_len >= self.budget - self.CLOSING:
+            closing = (scores > float("-inf")) & self.quotes[: scores.shape[1]]
+            rows = closing.any(dim=1) & torch.tensor(self.live, device=scores.device)
+            scores[rows] = scores[rows].masked_fill(~closing[rows], float("-inf"))
+        return scores
 
 
 def _end_token_ids(eos_token_id: int | list[int] | None) -> set[int]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from environments.actions import REASONS, Action
+from environments.actions import MESSAGE_ACTIONS, REASONS, REQUIRED_ARGS, Action
 from environments.episode import Entry
 from environments.pack import Company
 
@@ -38,6 +38,34 @@ ACTION_CONTRACT = (
     '- update_ticket, args {"ticket_id": "...", "note": "...", "status": "open|pending|solved"}; message "".\n'
     f"R is one of: {', '.join(REASONS)}."
 )
+
+
+# How long a decoded step's strings may grow (`step_schema`), in characters: about twice the
+# oracle's longest (thought 153, message 103, an arg 132 over 1,029 steps of the built-in packs),
+# so a thought that repeats itself ends, closed, within max_new_tokens instead of running past it.
+THOUGHT_CHARS, MESSAGE_CHARS, ARG_CHARS = 240, 200, 200
+
+
+def step_schema(keys: tuple[str, ...] = ACTION_FIRST) -> dict:
+    """JSON schema of one step as a student decodes it under `json_mode`: one of the six actions
+    with exactly its args (reasons, priorities and statuses from their lists), every key written, in
+    this order, and each string bounded. Stricter than `Action`, which any step it admits passes
+    (but for an arg or message of whitespace only)."""
+    def text(most: int, least: int = 0) -> dict:
+        # A pattern, not maxLength: xgrammar 0.2's bounded strings admit raw control characters,
+        # which no JSON parser accepts. No escapes either (nor `"` or `\` inside a value): the
+        # oracle writes none.
+        return {"type": "string", "pattern": rf'^[^\u0000-\u001f\\"]{{{least},{most}}}$'}
+
+    variants = []
+    for name, spec in REQUIRED_ARGS.items():
+        args = {a: {"enum": list(allowed)} if allowed else text(ARG_CHARS, 1) for a, allowed in spec.items()}
+        fields = {"action": {"const": name},
+                  "args": {"type": "object", "properties": args, "required": list(args), "additionalProperties": False},
+                  "thought": text(THOUGHT_CHARS), "message": text(MESSAGE_CHARS, int(name in MESSAGE_ACTIONS))}
+        variants.append({"type": "object", "properties": {k: fields[k] for k in keys}, "required": list(keys),
+                         "additionalProperties": False})
+    return {"anyOf": variants}
 
 
 # What a teacher's `thought` should be: a short rationale of the action it backs, the shape the

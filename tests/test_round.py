@@ -141,7 +141,8 @@ def test_a_later_round_starts_from_the_adapter_that_collected(tiny_model_dir, tm
     store = Store.open(tmp_path / "a.db")
     rt = Runtime(store=store, packs=build_packs(0), student=HFStudent(tiny_model_dir, max_new_tokens=16, batch_size=4),
                  teacher=OracleTeacher(), train=train, model_dir=tiny_model_dir, base_model="tiny", adapters_dir=tmp_path / "adapters",
-                 settings=RoundSettings(eval_tickets=1, max_steps=6, calibration_tickets=1, validation_companies=0, collect_with="newest"),
+                 settings=RoundSettings(eval_tickets=1, max_steps=6, calibration_tickets=1, validation_companies=0, collect_with="newest",
+                                        replay=1.0),
                  lora=LoraSettings(r=4, alpha=8, epochs=1, batch_size=4), progress=False)
     register_packs(store, rt.packs)
     ensure_base_evaluated(rt)
