@@ -106,7 +106,8 @@ def _load_or_exit(dirs: list[Path]) -> list[Pack]:
 @click.option("--model", default="smollm2-135m", show_default=True, help="Student base model (with --policy student).")
 @click.option("--adapter", type=click.Path(file_okay=False, path_type=Path), default=None, help="LoRA adapter folder for the student.")
 @click.option("--4bit", "load_in_4bit", is_flag=True, help="Load the student's base in 4-bit NF4 (bitsandbytes).")
-@click.option("--json-mode", is_flag=True, help="Decode the student under the protocol's JSON schema (config: json_mode; reported).")
+@click.option("--json-mode/--no-json-mode", default=True, show_default=True,
+              help="Decode the student under the protocol's JSON schema, as the loop does (config: json_mode); off is reported.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Student prompts per generation call.")
 @click.option("--api-base", default=None, help="Base URL for a teacher:<model> policy (e.g. a vLLM server).")
 @click.option("--pack", "pack_dirs", multiple=True, type=click.Path(path_type=Path), help="A pack folder or a folder of packs (repeatable). Default: the built-in held-out packs.")
@@ -136,7 +137,7 @@ def eval_cmd(policy_name: str, model: str, adapter: Path | None, load_in_4bit: b
 
         student = HFStudent(resolve_model(model), adapter=adapter, load_in_4bit=load_in_4bit, batch_size=batch_size, json_mode=json_mode,
                             use_threshold=not no_threshold, thought_samples=thought_samples)
-        policy = StudentPolicy(student, name=student.name + (" (json-mode)" if json_mode else ""))
+        policy = StudentPolicy(student, name=student.name + ("" if json_mode else " (no json-mode)"))
         adapter_version = adapter.name if adapter else None
     elif policy_name.startswith("teacher:"):
         from policies.litellm_teacher import LiteLLMTeacher
@@ -433,9 +434,8 @@ def ingest_cmd(files: tuple[Path, ...], config_file: Path | None, sets: tuple[st
 @click.option("--max-messages", type=int, default=64, show_default=True, help="Conversations with more messages get 422.")
 @click.option("--max-queue", type=int, default=16, show_default=True,
               help="Requests admitted at once (one generates, the rest wait); more get 503 with Retry-After.")
-@click.option("--json-mode", is_flag=True, help="Decode the student under the protocol's JSON schema (also on with config json_mode).")
 def serve_cmd(config_file: Path | None, sets: tuple[str, ...], db: str | None, host: str, port: int, token_env: str,
-              max_body_bytes: int, max_messages: int, max_queue: int, json_mode: bool) -> None:
+              max_body_bytes: int, max_messages: int, max_queue: int) -> None:
     """Answer OpenAI chat completions with the promoted adapter; the model name is a company pack id.
 
     Every answer is stored as a production trace; POST /v1/feedback with a completion's id and a
@@ -456,7 +456,7 @@ def serve_cmd(config_file: Path | None, sets: tuple[str, ...], db: str | None, h
     cfg = _config(config_file, sets, db=db)
     packs = build_packs(cfg)
     student = HFStudent(resolve_model(cfg.model), load_in_4bit=cfg.load_in_4bit, batch_size=max(1, cfg.thought_samples),
-                        max_new_tokens=cfg.max_new_tokens, json_mode=json_mode or cfg.json_mode, seed=cfg.seed, thought_samples=cfg.thought_samples)
+                        max_new_tokens=cfg.max_new_tokens, json_mode=cfg.json_mode, seed=cfg.seed, thought_samples=cfg.thought_samples)
     service = Service(cfg.db, packs, student, build_teacher(cfg), token=token, agreements=cfg.production_agreements,
                       weight=cfg.production_weight, limits=Limits(max_body_bytes=max_body_bytes, max_messages=max_messages, max_queue=max_queue))
     uvicorn.run(create_app(service), host=host, port=port, log_level="info")
