@@ -36,7 +36,10 @@ thoughts' decoding per step (bench/thoughts.py measures what it buys).
 xgrammar): at each token only those that keep the text a prefix of a valid step are allowed, so the
 step is one of the six actions with exactly its args, in the protocol's key order, its strings
 bounded, and it ends where its object closes. What is left to the model is every choice inside
-that shape; the gate above still decides the action name and the reason code's spelling.
+that shape; the gate above still decides the action name and the reason code's spelling. Like
+sampled thoughts, it applies to an adapter: the base model, never taught the protocol, answers as
+it always did (held to the grammar it plays each episode out with steps it does not mean, and its
+evaluation took over 4 times as long).
 """
 
 from __future__ import annotations
@@ -109,8 +112,8 @@ class HFStudent:
         dtype: "auto" is float32 on CPU and bfloat16 on CUDA; else one of `DTYPES`.
         device: "cuda" when available, else "cpu".
         temperature: 0 decodes greedily; above 0 samples, from a stream seeded once by `seed`.
-        json_mode: decode every step under the protocol's JSON schema (see the module docstring).
-            Outputs are still validated: a step cut off by max_new_tokens is still invalid.
+        json_mode: with an adapter loaded, decode every step under the protocol's JSON schema (see
+            the module docstring). Outputs are still validated.
         prefix_cache: prefill a batch's shared prompt prefix once, not once per row (same outputs).
         use_threshold: apply the loaded adapter's operating point τ (False: the raw greedy policy).
         thought_samples: 0 writes the action first. k > 0: an adapter (trained so) writes the thought
@@ -296,7 +299,8 @@ class HFStudent:
         gate = EscalationGate(self.tokenizer, self._action_ids, prompt_len, self.threshold, B, self._reason_ids, self._action_names,
                               decisions=decisions)
         processors, stops = LogitsProcessorList([gate]), StoppingCriteriaList()
-        if self.json_mode:
+        schema = self.json_mode and self.adapter_id is not None  # the base model, never taught the protocol, answers as before
+        if schema:
             # After the gate: the grammar narrows what the gate allows. A continued thought's object
             # opened in its prompt: its matcher first reads the step's tokens written so far.
             keys = THOUGHT_FIRST if self.thought_samples and self.adapter_id is not None else ACTION_FIRST
@@ -321,7 +325,7 @@ class HFStudent:
             lead = decisions[row].lead if decisions else 0  # a continued step: its thought, at the prompt's end, is its own
             step_ids = ids[len(ids) - lead :] + new_ids
             text = self.tokenizer.decode(step_ids, skip_special_tokens=True)
-            if self.json_mode:
+            if schema:
                 text = text[: json_object_end(text) or len(text)]
             generations.append((Generation(text, adapter_id, len(ids) - lead, len(step_ids), gate.p_escalate[row]),
                                 Decoded(new_ids, gate.decided_at[row])))

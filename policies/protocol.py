@@ -49,20 +49,21 @@ THOUGHT_CHARS, MESSAGE_CHARS, ARG_CHARS = 240, 200, 200
 def step_schema(keys: tuple[str, ...] = ACTION_FIRST) -> dict:
     """JSON schema of one step as a student decodes it under `json_mode`: one of the six actions
     with exactly its args (reasons, priorities and statuses from their lists), every key written, in
-    this order, and each string bounded. Stricter than `Action`, which any step it admits passes
-    (but for an arg or message of whitespace only)."""
-    def text(most: int, least: int = 0) -> dict:
+    this order, and each string bounded. Stricter than `Action`: any step it admits passes."""
+    def text(most: int, required: bool = False) -> dict:
         # A pattern, not maxLength: xgrammar 0.2's bounded strings admit raw control characters,
         # which no JSON parser accepts. No escapes either (nor `"` or `\` inside a value): the
-        # oracle writes none.
-        return {"type": "string", "pattern": rf'^[^\u0000-\u001f\\"]{{{least},{most}}}$'}
+        # oracle writes none. A required string starts with a character that is not a space.
+        char = r'[^\u0000-\u001f\\"]'
+        pattern = rf'[^\u0000-\u001f\\" ]{char}{{0,{most - 1}}}' if required else f"{char}{{0,{most}}}"
+        return {"type": "string", "pattern": f"^{pattern}$"}
 
     variants = []
     for name, spec in REQUIRED_ARGS.items():
-        args = {a: {"enum": list(allowed)} if allowed else text(ARG_CHARS, 1) for a, allowed in spec.items()}
+        args = {a: {"enum": list(allowed)} if allowed else text(ARG_CHARS, required=True) for a, allowed in spec.items()}
         fields = {"action": {"const": name},
                   "args": {"type": "object", "properties": args, "required": list(args), "additionalProperties": False},
-                  "thought": text(THOUGHT_CHARS), "message": text(MESSAGE_CHARS, int(name in MESSAGE_ACTIONS))}
+                  "thought": text(THOUGHT_CHARS), "message": text(MESSAGE_CHARS, required=name in MESSAGE_ACTIONS)}
         variants.append({"type": "object", "properties": {k: fields[k] for k in keys}, "required": list(keys),
                          "additionalProperties": False})
     return {"anyOf": variants}

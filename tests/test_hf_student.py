@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from policies import models
 from policies.hf import HFStudent, json_object_end
 from policies.models import DEFAULT_MODEL, INSTALL_HINT, resolve_model, training_template
-from policies.protocol import parse_action
+from policies.protocol import ACTION_FIRST, parse_action
 from policies.student import Student
 
 TICKETS = [
@@ -108,17 +109,21 @@ def test_4bit_base_generates_and_takes_an_adapter(tiny_model_dir, adapters):
     assert student.act(PROMPTS[:3]) == base
 
 
-@pytest.mark.parametrize("budget", [80, 200])
-def test_json_mode_writes_only_steps_of_the_protocol(tiny_model_dir, budget):
-    """Under json_mode even a random model writes valid actions, closed within its token budget
+@pytest.mark.parametrize("budget", [128, 200])
+def test_json_mode_writes_only_steps_of_the_protocol(tiny_model_dir, adapters, budget):
+    """Under json_mode even a random adapter writes valid actions, closed within its token budget
     (its strings run on: the budget, not the model, ends them; it spells even the keys a character
-    a token, about 40 of them); without it, none is valid."""
+    a token, 40 to 80 of them); without it, none is valid. The base model answers as it always did."""
     student = HFStudent(tiny_model_dir, max_new_tokens=budget, batch_size=6, json_mode=True)
+    base = student.act(PROMPTS)
+    student.load_adapter(adapters[0])
     generations = student.generate_with_info(PROMPTS)
     assert all(parse_action(g.text).error is None for g in generations), [g.text for g in generations]
     assert all(g.text.startswith('{"action":"') and g.completion_tokens <= budget for g in generations)
     student.json_mode = False
     assert all(parse_action(text).error is not None for text in student.act(PROMPTS))
+    student.load_adapter(None)
+    assert student.act(PROMPTS) == base
 
 
 @pytest.mark.parametrize(
@@ -203,3 +208,41 @@ def test_real_smollm2_from_the_wheel_answers_and_is_cached(tmp_path, monkeypatch
     student.max_new_tokens = 80
     text = student.act([prompt])[0]
     assert isinstance(json.loads(text), dict)
+
+
+def test_the_step_grammar_admits_every_oracle_step_and_refuses_invalid_ones(tiny_model_dir):
+    """The schema json_mode decodes under is no stricter than what the oracle teaches: each step it
+    writes on the built-in packs and the hand-written ones (thought first too) is a whole step of
+    the grammar; the shapes the adapters got wrong are not."""
+    import xgrammar
+
+    from environments.builtin import build_packs
+    from environments.episode import SupportEpisode
+    from environments.pack import load_packs
+    from policies.protocol import THOUGHT_FIRST, reorder
+
+    student = HFStudent(tiny_model_dir)
+
+    def admitted(text: str, keys=ACTION_FIRST) -> bool:
+        m = xgrammar.GrammarMatcher(student._grammar(keys))
+        ids = student.tokenizer(text, add_special_tokens=False)["input_ids"] + [student.tokenizer.eos_token_id]
+        return all(m.accept_token(t) for t in ids) and m.is_terminated()
+
+    packs = build_packs(0) + load_packs(Path(__file__).parents[1] / "bench" / "packs")
+    steps = []
+    for pack in packs:
+        for ticket in pack.tickets[:8]:
+            episode = SupportEpisode(pack, ticket)
+            while not episode.done:
+                action = episode.reference_action()
+                steps.append(action.to_json())
+                episode.step(action)
+    assert len(steps) > 200
+    assert all(admitted(s) for s in steps), [s for s in steps if not admitted(s)][:3]
+    assert all(admitted(reorder(s, THOUGHT_FIRST), THOUGHT_FIRST) for s in steps[:50])
+    for wrong in ['{"action":"search_kb","args":{"query":"x","thought":"t"},"thought":"","message":""}',  # a key in the wrong object
+                  '{"action":"escalate","args":{"reason":"escalate"},"thought":"","message":"m"}',  # no such reason
+                  '{"action":"reply","args":{},"thought":"","message":" "}',  # a reply says nothing
+                  '{"action":"reply","args":{},"thought":"a\x0bb","message":"m"}',  # a raw control character
+                  '{"action":"reply","args":{},"thought":"' + "9" * 241 + '","message":"m"}']:  # past 240 characters
+        assert not admitted(wrong)
