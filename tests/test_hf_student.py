@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -200,14 +199,17 @@ def test_real_smollm2_from_the_wheel_answers_and_is_cached(tmp_path, monkeypatch
     answer = student.act([[{"role": "user", "content": "What is the capital of France?"}]])[0]
     assert "Paris" in answer
 
+    # A no-op adapter (lora_B is 0): the base's own choices, decoded under the action schema.
+    get_peft_model(AutoModelForCausalLM.from_pretrained(path), LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path / "noop")
+    student.load_adapter(tmp_path / "noop")
     student.json_mode = True
     prompt = [
         {"role": "system", "content": 'Reply with one JSON object: {"action": "reply", "message": "..."}'},
         {"role": "user", "content": "Where is my order?"},
     ]
-    student.max_new_tokens = 80
+    student.max_new_tokens = 128
     text = student.act([prompt])[0]
-    assert isinstance(json.loads(text), dict)
+    assert parse_action(text).error is None, text
 
 
 def test_the_step_grammar_admits_every_oracle_step_and_refuses_invalid_ones(tiny_model_dir):

@@ -98,8 +98,10 @@ def test_adapter_is_live_in_the_cached_prefix(tiny_model_dir, adapter):
     assert cached.act(SHARED) == base_texts
 
 
-def test_json_mode_sees_the_whole_prompt_as_prompt(tiny_model_dir):
+def test_json_mode_sees_the_whole_prompt_as_prompt(tiny_model_dir, adapter):
     cached, plain = students(tiny_model_dir, batch_size=len(SHARED), json_mode=True)
+    cached.load_adapter(adapter)
+    plain.load_adapter(adapter)
     generations, expected = cached.generate_with_info(SHARED), plain.generate_with_info(SHARED)
     assert [replace(g, p_escalate=None) for g in generations] == [replace(g, p_escalate=None) for g in expected]
     assert [g.p_escalate for g in generations] == pytest.approx([g.p_escalate for g in expected], rel=1e-5)  # summed in another order
