@@ -38,8 +38,7 @@ step is one of the six actions with exactly its args, in the protocol's key orde
 bounded, and it ends where its object closes. What is left to the model is every choice inside
 that shape; the gate above still decides the action name and the reason code's spelling. Like
 sampled thoughts, it applies to an adapter: the base model, never taught the protocol, answers as
-it always did (held to the grammar it plays each episode out with steps it does not mean, and its
-evaluation took over 4 times as long).
+it always did (held to the grammar, its evaluation in the main command took over 4 times as long).
 """
 
 from __future__ import annotations
