@@ -79,8 +79,3 @@ class Action(BaseModel):
 
     def to_json(self) -> str:
         return self.model_dump_json()
-
-
-def action_json_schema() -> dict[str, Any]:
-    """JSON schema of one step (used for constrained decoding and teacher prompts)."""
-    return Action.model_json_schema()

@@ -302,7 +302,7 @@ class HFStudent:
         if schema:
             # After the gate: the grammar narrows what the gate allows. A continued thought's object
             # opened in its prompt: its matcher first reads the step's tokens written so far.
-            keys = THOUGHT_FIRST if self.thought_samples and self.adapter_id is not None else ACTION_FIRST
+            keys = THOUGHT_FIRST if self.thought_samples else ACTION_FIRST
             leads = [ids[len(ids) - c.lead :] for ids, c in zip(prompt_ids, decisions)] if decisions else [[]] * B
             processors.append(StepGrammar(self._grammar(keys), prompt_len, leads, self.max_new_tokens, self._quote_ids()))
         if stop_at_action:
