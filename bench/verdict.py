@@ -1,14 +1,14 @@
 """Does the student's own rationale know better than its first token? Escalation scores read after the thought.
 
-    .venv/bin/python bench/verdict.py --adapter /tmp/run/adapters/v0002      # an adapter the main command trained
+    .venv/bin/python bench/verdict.py --adapter /tmp/run/adapters/v0001 --adapter /tmp/run/adapters/v0002 --cache /tmp/verdict
 
 apprentice's student writes its action first and its rationale after it ({"action", "args", "thought",
 "message"}), and p(escalate) is read at the action's first token: before the student has written a word of
 reasoning. Yet the rationale it then writes often argues the other way ("36 is more than 35: escalate
-billing_exception." after a `search_kb`), and in the main command's round-2 rollouts (training companies)
+billing_exception." after a `search_kb`), and in the round-2 rollouts of one main-command run (training companies)
 the rationale said "escalate" in 11 of 18 states where escalating was right and in 0 of 55 where it was
 not, while p(escalate) ranked those states at AUROC 0.73. This scores one action-first adapter (as the
-round trains it) on the oracle's states, as `fit_operating_point` does, with four readouts per state:
+round trains it) on the oracle's states, as `fit_operating_point` does, with six readouts per state:
 
 - `p(escalate)`: the first token of the action, what the product reads today;
 - `verdict`: 1 if the greedy step's thought says "escalate", else 0;
@@ -22,6 +22,9 @@ Each state's step is decoded greedily, under the action schema (json_mode), with
 is its highest over the oracle's states up to the first where escalating is right. Validation is what
 the round fits τ on: the training companies the round left out of training (the config's seed), as many
 tickets as it uses; the held-out pair only reports, at the gate's corner fitted on validation.
+
+Measured on the main command's v0001 (bench/reports/verdict.md): none beats p(escalate) at the gate's
+corner; a thought mostly backs the action it follows.
 """
 
 from __future__ import annotations
