@@ -42,6 +42,7 @@ from environments.pack import Pack, Ticket
 from loop.calibration import fit_threshold, ticket_scores
 from loop.evaluate import eval_tickets, validation_tickets
 from ops.config import Config, load_config
+from loop.round import Runtime
 from ops.run import build_packs, round_settings
 from policies.hf import ESCALATE, HFStudent
 from policies.models import resolve_model
@@ -121,20 +122,13 @@ class Replay:
 
 
 def work_lists(cfg: Config, curve_tickets: int) -> tuple[list[str], list[tuple[Pack, Ticket]], list[tuple[Pack, Ticket]]]:
-    """The round's validation tickets (loop/round.py: Runtime.validation_packs, calibration's per-company
-    count) and the held-out pair's fixed evaluation tickets."""
-    import random
-
-    packs, s = build_packs(cfg), round_settings(cfg)
-    names = sorted({p.company.name for p in packs if p.company.split == "train"})
-    n = s.validation_companies
-    left_out = set(random.Random(s.seed).sample(names, n)) if n and len(names) >= 3 * n else set()
-    train = [p for p in packs if p.company.split == "train" and p.company.name not in left_out]
-    val = [p for p in packs if p.company.split == "train" and (not left_out or p.company.name in left_out)]
-    per_pack = s.calibration_tickets * len(train + val) // len(val) if left_out else s.calibration_tickets
-    val_work = [(p, t) for p in val for t in validation_tickets(p, per_pack)]
-    held_work = [(p, t) for p in packs if p.company.split == "heldout" for t in eval_tickets(p, curve_tickets)]
-    return sorted(left_out), val_work, held_work
+    """The round's validation tickets (what `retrain` fits τ on) and the held-out pair's fixed evaluation tickets."""
+    # Only the packs and the settings are read: the round's own split, nothing else of a runtime.
+    rt = Runtime(store=None, packs=build_packs(cfg), student=None, teacher=None, train=None, model_dir=None, base_model=cfg.model,
+                 adapters_dir=None, settings=round_settings(cfg), lora=None)
+    val_work = [(p, t) for p in rt.validation_packs for t in validation_tickets(p, rt.calibration_per_pack)]
+    held_work = [(p, t) for p in rt.heldout_packs for t in eval_tickets(p, curve_tickets)]
+    return sorted(rt.left_out), val_work, held_work
 
 
 def main() -> None:

@@ -99,6 +99,15 @@ class Runtime:
         return frozenset(random.Random(self.settings.seed).sample(names, n)) if n and len(names) >= 3 * n else frozenset()
 
     @property
+    def calibration_per_pack(self) -> int:
+        """Validation tickets per validation pack that τ is fitted on: as many in all as
+        `calibration_tickets` from every training company when whole companies are left out."""
+        s = self.settings
+        if not self.left_out:
+            return s.calibration_tickets
+        return s.calibration_tickets * len(self.train_packs + self.validation_packs) // len(self.validation_packs)
+
+    @property
     def heldout_packs(self) -> list[Pack]:
         return [p for p in self.packs if p.company.split == "heldout"]
 
@@ -207,11 +216,9 @@ def retrain(rt: Runtime, round_no: int, summary: RoundSummary) -> RoundSummary:
     #    student applies it from its next load (here, the evaluation's) wherever it acts.
     clock = time.perf_counter()
     rt.student.load_adapter(path)
-    per_pack = s.calibration_tickets * len(rt.train_packs + rt.validation_packs) // len(rt.validation_packs) if rt.left_out \
-        else s.calibration_tickets
     try:
         point = fit_operating_point(rt.student, rt.validation_packs, max_over_escalation=s.max_over_escalation or None,
-                                    per_company=per_pack, progress=rt.progress)
+                                    per_company=rt.calibration_per_pack, progress=rt.progress)
         save_operating_point(point, path)
         summary.tau = point.tau
     except ValueError as e:  # e.g. validation tickets of one kind only: the adapter decodes by argmax
