@@ -8,6 +8,8 @@ taken after round 1 runs round 2 as `apprentice run --rounds 1 --method offline`
 fresh tickets as spend about the teacher tokens SCoRe spent. Everything printed comes from the
 stores: each store's teacher tokens and calls (its `collected` events), each adapter's stored
 held-out evaluation with 95% bootstrap intervals, and second − first, paired over the same tickets.
+The same on other packs: record each adapter's `apprentice eval --pack bench/packs --db FILE` in its
+own file and compare those (their teacher columns read "—").
 """
 
 from __future__ import annotations
@@ -48,18 +50,19 @@ def main() -> None:
         if not evaluated:
             raise SystemExit(f"{db} has no stored evaluation of {version}")
         collected = [e.payload for e in store.events(kind="collected")]
-        tokens, calls = sum(c["teacher_tokens"] for c in collected), sum(c["teacher_calls"] for c in collected)
+        tokens, calls = (f"{sum(c['teacher_tokens'] for c in collected):,}", str(sum(c["teacher_calls"] for c in collected))) \
+            if collected else ("—", "—")  # a store that only recorded `apprentice eval --db` collected nothing
         metrics = report(evaluated).metrics
-        rows.append(f"| {label} | {version} | {tokens:,} | {calls} | {len(evaluated)} | "
+        rows.append(f"| {label} | {version} | {tokens} | {calls} | {len(evaluated)} | "
                     + " | ".join(str(metrics[m]) for m in SHOWN) + " |")
         outcomes.append(evaluated)
     delta = compare(outcomes[1], outcomes[0])
 
     publish(args.name, [
-        f"# {labels[1]} against {labels[0]}, paired over the same held-out tickets", "",
+        f"# {labels[1]} against {labels[0]}, paired over the same tickets", "",
         f"`bench/paired.py {args.first} {args.second} --labels {args.labels} --name {args.name}`", "",
-        "Teacher tokens and calls: every `collected` event of the adapter's store (all rounds). Metrics: the stored",
-        "held-out evaluation of the adapter, 95% bootstrap intervals over tickets.", "",
+        "Teacher tokens and calls: every `collected` event of the adapter's store (all rounds). Metrics: the adapter's",
+        "stored evaluation, 95% bootstrap intervals over tickets.", "",
         "| run | adapter | teacher tokens | teacher calls | tickets | " + " | ".join(SHOWN) + " |",
         "| --- " * (5 + len(SHOWN)) + "|",
         *rows, "",
