@@ -108,6 +108,7 @@ class Daemon:
     def __init__(self, rt: Runtime, db: str | Path, triggers: Triggers):
         self.rt, self.db, self.triggers = rt, db, triggers
         self.stopping = threading.Event()
+        self.abandoned = False  # a stop left a unit running in its thread (see ops/cli.py's exit)
         self._unit = threading.Lock()  # held while a job other than the heartbeat runs
         self._round = rt.store.count("adapters") + 1
         self._last_training = time.monotonic()
@@ -195,6 +196,7 @@ class Daemon:
             return 0
         # Abandon the unit: what it committed stays (episodes are written whole), and an adapter it
         # was training is failed now, as a restart would. The caller exits without waiting for it.
+        self.abandoned = True
         log.warning("unit_abandoned", failed=recover(self.rt.store))
         return 0
 

@@ -236,11 +236,15 @@ def run_cmd(rounds: int | None, config_file: Path | None, sets: tuple[str, ...],
     if rounds is None:
         triggers = Triggers(retrain_min_examples=cfg.retrain_min_examples, retrain_every_minutes=cfg.retrain_every_minutes,
                             inbox=Path(cfg.inbox), inbox_every_s=cfg.inbox_every_seconds, agreements=cfg.production_agreements, weight=cfg.production_weight)
-        code = Daemon(rt, cfg.db, triggers).run()
-        # A unit abandoned on stop still runs in a worker thread that a normal exit would wait for.
-        import ray
+        daemon = Daemon(rt, cfg.db, triggers)
+        code = daemon.run()
+        # A unit abandoned on stop still runs in a worker thread that a normal exit would wait for,
+        # and still calls Ray: shutting Ray down under it makes Ray's core worker end the process
+        # with status 1 (seen in bench/chaos.py). Ray's head processes share this process's fate.
+        if not daemon.abandoned:
+            import ray
 
-        ray.shutdown()
+            ray.shutdown()
         sys.stdout.flush(), sys.stderr.flush()
         os._exit(code)
     summaries = run_rounds(rt, rounds, on_round=lambda s: console.print(f"round {s.round}: {s.version} {s.gate} ({s.gate_reason})"))

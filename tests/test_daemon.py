@@ -177,9 +177,9 @@ def test_a_rollout_actor_that_dies_is_replaced_on_the_base_model(tiny_model_dir)
     """Ray's memory monitor kills actors when a neighbour eats the RAM (seen on this machine): the call
     that hit the dead actor fails, and the pool comes back with fresh actors on the base model, so
     the next unit's load_adapter swaps and verifies again instead of sampling a stale adapter."""
-    import ray
+    from loop.workers import RayStudentPool, StudentOptions, start_ray  # first: it states Ray's auth mode before Ray reads it
 
-    from loop.workers import RayStudentPool, StudentOptions, start_ray
+    import ray
     from policies.protocol import render_messages
     from environments.episode import Entry
     from environments.pack import load_pack
