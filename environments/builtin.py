@@ -490,7 +490,7 @@ class _Drafter:
             tags.add("polite")
         message = " ".join(parts)
         if rng.random() < (0.2 if opening else 0.1):
-            message = _typos(message, rng)
+            message = typos(message, rng)
             tags.add("typo")
         if not turn.given and rng.random() < 0.06:
             message = message.lower()
@@ -572,9 +572,10 @@ class _Drafter:
 _WORD = re.compile(r"\b[A-Za-z]{5,}\b")
 
 
-def _typos(message: str, rng: random.Random) -> str:
-    """One or two typing slips (swap, drop or double a letter) in longer words; digits stay intact."""
-    spans = [m.span() for m in _WORD.finditer(message)]
+def typos(message: str, rng: random.Random, words: re.Pattern = _WORD) -> str:
+    """One or two typing slips (swap, drop or double a letter) in longer words (`words` finds them);
+    digits stay intact."""
+    spans = [m.span() for m in words.finditer(message)]
     for start, end in sorted(rng.sample(spans, min(len(spans), rng.choice((1, 2)))), reverse=True):
         word, i = message[start:end], rng.randrange(1, end - start - 2)
         slip = rng.randrange(3)

@@ -1,6 +1,7 @@
 """From stored examples to the training set: aggregate, deduplicated, held-out refused, escalation
-turns oversampled to a configured share of all assistant turns; for an adapter that continues
-another, what is new since that one plus a replayed sample of the rest."""
+turns oversampled to a configured share of all assistant turns, a share of the customers' openings
+reworded the way real tickets vary; for an adapter that continues another, what is new since that
+one plus a replayed sample of the rest."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import hashlib
 import json
 import math
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable
 
+from environments import builtin_domains as words
+from environments.builtin import typos
 from store.rows import ExampleRow
 
 Conversation = list[dict[str, str]]
@@ -38,9 +42,10 @@ def _assistant_actions(conversation: Conversation) -> list[str]:
     return actions
 
 
-def build_dataset(examples: Iterable[ExampleRow], *, heldout: set[str], escalation_share: float = 0.3, seed: int = 0) -> TrainingSet:
+def build_dataset(examples: Iterable[ExampleRow], *, heldout: set[str], escalation_share: float = 0.3, decorate: float = 0.0,
+                  seed: int = 0) -> TrainingSet:
     """Every example once (by content), repeated by its weight, then escalation conversations
-    oversampled (`oversample_escalations`)."""
+    oversampled (`oversample_escalations`), then `decorate` of them reworded (`decorate_openings`)."""
     unique: dict[str, ExampleRow] = {}
     for ex in examples:
         if ex.company_id in heldout:
@@ -49,6 +54,7 @@ def build_dataset(examples: Iterable[ExampleRow], *, heldout: set[str], escalati
     rows = sorted(unique.values(), key=lambda e: e.content_hash)
     conversations = oversample_escalations([ex.messages for ex in rows for _ in range(max(1, round(ex.weight)))],
                                            escalation_share, seed=seed)
+    conversations = decorate_openings(conversations, decorate, seed=seed)
     counts = [_assistant_actions(c) for c in conversations]
     turns = sum(len(a) for a in counts)
     escalations = sum(a.count("escalate") for a in counts)
@@ -90,3 +96,32 @@ def oversample_escalations(conversations: list[Conversation], share: float, *, s
         i += 1
     random.Random(seed).shuffle(conversations)
     return conversations
+
+
+# Whole words of letters, trailing punctuation allowed: never a part of an email, an id or a date.
+_PLAIN_WORD = re.compile(r"(?<!\S)[A-Za-z]{5,}(?=[.,!?]?(?!\S))")
+
+
+def decorate_openings(conversations: list[Conversation], share: float, *, seed: int = 0) -> list[Conversation]:
+    """`share` of the conversations (each drawn on its own, oversampled copies too) with the
+    customer's opening message reworded as real tickets vary, its decision unchanged: an irrelevant
+    sentence before or after it, and a typing slip or two in plain words. A conversation that never
+    escalates may get a sentence with escalation-sounding words ("My old laptop crashed last week");
+    one that escalates only a neutral one. The student sees every decision with and without such
+    distractions, so their words alone stop deciding it (held out, needless escalations came nearly
+    all from tickets with a distraction: README, "Distractions in training")."""
+    rng = random.Random(seed)
+    out = []
+    for conversation in conversations:
+        opening = next((i for i, m in enumerate(conversation) if m["role"] == "user" and m["content"].startswith("Customer: ")), None)
+        if opening is None or rng.random() >= share:
+            out.append(conversation)
+            continue
+        text = conversation[opening]["content"].removeprefix("Customer: ")
+        pool = words.NOISE if "escalate" in _assistant_actions(conversation) else words.NOISE + words.TRAP_NOISE
+        noise = rng.choice(pool)
+        text = f"{noise} {text}" if rng.random() < 0.5 else f"{text} {noise}"
+        if rng.random() < 0.5:
+            text = typos(text, rng, _PLAIN_WORD)
+        out.append([*conversation[:opening], {**conversation[opening], "content": f"Customer: {text}"}, *conversation[opening + 1:]])
+    return out

@@ -44,6 +44,7 @@ class RoundSettings:
     max_repairs: int = 3
     keep_clean: float = 0.5
     escalation_share: float = 0.3
+    decorate: float = 0.0  # share of training conversations with a reworded opening (loop/dataset.decorate_openings)
     eval_tickets: int = 30
     max_steps: int = 12
     min_valid_json: float = 0.99
@@ -187,7 +188,8 @@ def retrain(rt: Runtime, round_no: int, summary: RoundSummary) -> RoundSummary:
     start = parent.path if parent and parent.base_model == rt.base_model and same_shape(parent.path, rt.lora) else ""
     trained = with_replay(examples, since=parent.config.get("examples_through", 0), ratio=s.replay, seed=s.seed + round_no) \
         if start else examples
-    dataset = build_dataset(trained, heldout=heldout, escalation_share=s.escalation_share, seed=s.seed + round_no)
+    dataset = build_dataset(trained, heldout=heldout, escalation_share=s.escalation_share, decorate=s.decorate,
+                            seed=s.seed + round_no)
 
     # 4. train a new adapter version on it, from the collector's weights or fresh.
     clock = time.perf_counter()

@@ -1,11 +1,13 @@
-"""The training set: aggregate, deduplicated, held-out refused, escalation turns oversampled; a
-continued adapter's: the new examples and a replayed sample of the older ones."""
+"""The training set: aggregate, deduplicated, held-out refused, escalation turns oversampled, a
+share of openings reworded; a continued adapter's: the new examples and a replayed sample of the
+older ones."""
 
 import json
 
 import pytest
 
-from loop.dataset import build_dataset, with_replay
+from environments import builtin_domains as words
+from loop.dataset import build_dataset, decorate_openings, with_replay
 from store import ExampleRow
 
 
@@ -69,3 +71,33 @@ def test_a_continued_adapter_trains_on_the_new_examples_and_a_replayed_sample_of
     assert len(with_replay(rows, since=10, ratio=5.0)) == 30  # never more old ones than there are
     assert with_replay(rows, since=26, ratio=float("inf")) == rows  # inf: every example
     assert with_replay(rows, since=30, ratio=1.0) == rows  # nothing new: every example
+
+
+def test_decorated_openings_keep_every_decision_and_identifier():
+    opening = "Customer: Please change the traveller name on booking X42SGN, my email is kenji.novak72@example.com."
+    plain = [{"role": "system", "content": "policy"}, {"role": "user", "content": opening},
+             {"role": "assistant", "content": json.dumps({"action": "clarify"})}, {"role": "user", "content": "Customer: born 1961-04-01"},
+             {"role": "assistant", "content": json.dumps({"action": "reply"})}]
+    escalating = [*plain[:2], {"role": "assistant", "content": json.dumps({"action": "escalate"})}]
+    out = decorate_openings([plain] * 100 + [escalating] * 100, 1.0, seed=3)
+    assert len(out) == 200
+    for before, after in zip([plain] * 100 + [escalating] * 100, out):
+        assert after[1]["content"] != opening and after[1]["content"].startswith("Customer: ")
+        assert after[:1] + after[2:] == before[:1] + before[2:]  # only the opening changes; every action stays
+        assert "X42SGN" in after[1]["content"] and "kenji.novak72@example.com" in after[1]["content"]
+        tokens = set(after[1]["content"].split())
+        missing, added = min((sum(w not in tokens for w in s.split()), s) for s in words.NOISE + words.TRAP_NOISE)
+        assert missing <= 2  # one of the sentences was added, a typing slip or two allowed
+        if "escalate" in after[2]["content"]:
+            assert added not in words.TRAP_NOISE  # escalation-sounding distractions only where nothing escalates
+    assert any(s in c[1]["content"] for c in out[:100] for s in words.TRAP_NOISE)
+    assert sum(c[1]["content"].count(" ") > opening.count(" ") + 3 for c in out) == 200
+    assert plain[1]["content"] == opening  # the input is not modified
+
+
+def test_decorate_share_and_build_dataset():
+    rows = [example(conv("search_kb", "reply", tag=str(i))) for i in range(200)]
+    assert decorate_openings([r.messages for r in rows], 0.0) == [r.messages for r in rows]
+    data = build_dataset(rows, heldout=set(), escalation_share=0.0, decorate=0.5, seed=1)
+    changed = sum(c[1]["content"] not in {f"Customer: hi {i}" for i in range(200)} for c in data.conversations)
+    assert 70 < changed < 130 and data.n_unique == 200 and len(data.conversations) == 200
