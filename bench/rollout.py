@@ -29,7 +29,7 @@ def prompt_lengths(student: HFStudent) -> list[int]:
         for ticket in pack.tickets[:40]:
             episode = SupportEpisode(pack, ticket)
             while not episode.done:
-                lengths.append(student.count_tokens(render_messages(pack, episode.transcript)))
+                lengths.append(student.count_tokens(render_messages(pack.company, episode.transcript)))
                 episode.step(episode.reference_action())
     return lengths
 
@@ -51,7 +51,7 @@ def main() -> None:
     student = HFStudent(resolve_model(DEFAULT_MODEL), max_new_tokens=args.max_new_tokens)
     heldout = [p for p in build_packs(0) if p.company.split == "heldout"]
     tickets = [(p, t) for p in heldout for t in p.tickets][: args.prompts]
-    prompts = [render_messages(p, SupportEpisode(p, t).transcript) for p, t in tickets]
+    prompts = [render_messages(p.company, SupportEpisode(p, t).transcript) for p, t in tickets]
     timed(student, prompts[:2], 2)  # warm-up: first-call allocations are not generation speed
 
     one_s, one_tokens = timed(student, prompts, 1)

@@ -54,7 +54,7 @@ def ticket_scores(student: ScoringStudent, work: Sequence[tuple[Pack, Ticket]], 
     for index, (pack, ticket) in enumerate(work):
         episode = SupportEpisode(pack, ticket)
         while not episode.done:
-            prompts.append(render_messages(pack, episode.transcript))
+            prompts.append(render_messages(pack.company, episode.transcript))
             owner.append(index)
             if episode.escalation_acceptable():
                 break

@@ -45,7 +45,7 @@ def _example_messages(pack: Pack, trace, first_error: int, replacement: Action) 
                 break
             agent_seen += 1
         prefix.append(entry)
-    return render_messages(pack, prefix) + [{"role": "assistant", "content": replacement.to_json()}]
+    return render_messages(pack.company, prefix) + [{"role": "assistant", "content": replacement.to_json()}]
 
 
 def correct_traces(store: Store, teacher: Teacher, packs: list[Pack], *, agreements: int = 2, weight: float = 1.0,

@@ -294,7 +294,7 @@ def ensure_base_evaluated(rt: Runtime) -> None:
 
 def training_messages(episode: SupportEpisode) -> list[dict[str, str]]:
     """The episode as a chat conversation that ends on the agent's last step."""
-    messages = render_messages(episode.pack, episode.transcript)
+    messages = render_messages(episode.pack.company, episode.transcript)
     while messages and messages[-1]["role"] != "assistant":
         messages.pop()
     return messages

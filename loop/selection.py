@@ -53,7 +53,7 @@ def select_tickets(student: ScoringStudent, pool: Sequence[Work], n: int, *, rul
     if rule == "uniform":  # today's behaviour, at today's cost: nothing is scored
         return Pick(rng.sample(list(pool), min(n, len(pool))), rule, point, None, None, 0)
     candidates = rng.sample(list(pool), min(len(pool), pool_factor * n))
-    openings = [render_messages(pack, SupportEpisode(pack, ticket).transcript) for pack, ticket in candidates]
+    openings = [render_messages(pack.company, SupportEpisode(pack, ticket).transcript) for pack, ticket in candidates]
     distance = [abs(p - point) for p in p_escalate(student, openings, progress=progress, desc="p(escalate) at candidate openings")]
     n = min(n, len(candidates))
     chosen = nearest_balanced(candidates, distance, n if rule == "uncertainty" else n // 2)

@@ -103,7 +103,7 @@ class LoraSettings:
     learning_rate: float = 2e-4
     batch_size: int = 8
     grad_accum: int = 1
-    max_length: int = 1200
+    max_length: int = 1024
     load_in_4bit: bool = False
     seed: int = 0
     decision_weight: float = 1.0  # loss weight of the action-name and reason-code tokens (1 = plain mean)

@@ -158,7 +158,7 @@ class Service:
         with self._lock:
             started = time.monotonic()
             self._follow_promotion()
-            generation = self.student.generate_with_info([render_messages(pack, transcript)])[0]
+            generation = self.student.generate_with_info([render_messages(pack.company, transcript)])[0]
             self.completions.observe(time.monotonic() - started)
         parsed = parse_action(generation.text)
         conversation_id = f"chatcmpl-{uuid.uuid4().hex}"

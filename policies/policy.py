@@ -47,7 +47,7 @@ class StudentPolicy:
         self.student, self.name = student, name
 
     def act(self, episodes: Sequence[SupportEpisode]) -> list[Output]:
-        generations = self.student.generate_with_info([render_messages(e.pack, e.transcript) for e in episodes])
+        generations = self.student.generate_with_info([render_messages(e.pack.company, e.transcript) for e in episodes])
         return [Output(g.text, g.p_escalate) for g in generations]
 
 

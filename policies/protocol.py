@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from environments.actions import MESSAGE_ACTIONS, REASONS, REQUIRED_ARGS, Action
 from environments.episode import Entry
-from environments.pack import Pack
+from environments.pack import Company
 
 # The key orders a student may write a step in. Apprentice serializes `Action` in its own order
 # (action first); a student that reasons first (`HFStudent(thought_samples=k)`) reads and writes
@@ -129,25 +129,15 @@ def parse_action(text: str) -> Parsed:
         return Parsed(None, f"schema: {where + ': ' if where else ''}{first['msg'].removeprefix('Value error, ')}")
 
 
-MAX_LISTED_ARTICLES = 60  # a longer knowledge base is listed this far, the rest counted
-
-
-def system_prompt(pack: Pack) -> str:
-    """The company, its policy, the titles of its knowledge base's articles, and the action contract.
-    The titles let the agent tell a question its knowledge base answers from one it does not (the
-    `not_covered_by_kb` escalation) before it searches, on companies it never saw."""
-    company = pack.company
+def system_prompt(company: Company) -> str:
     tone = f" Tone: {company.tone}." if company.tone else ""
-    titles = "; ".join(a.title for a in pack.articles[:MAX_LISTED_ARTICLES])
-    more = len(pack.articles) - MAX_LISTED_ARTICLES
-    kb = f"\nKnowledge base articles: {titles}{f'; and {more} more' if more > 0 else ''}." if pack.articles else ""
-    return f"You are the support agent of {company.name}.{tone}\nPolicy:\n{company.policy.strip()}{kb}\n\n{ACTION_CONTRACT}"
+    return f"You are the support agent of {company.name}.{tone}\nPolicy:\n{company.policy.strip()}\n\n{ACTION_CONTRACT}"
 
 
-def render_messages(pack: Pack, transcript: list[Entry]) -> list[dict[str, str]]:
-    """Chat messages for the student: system = policy + knowledge-base titles + contract; the
-    customer and tool results as user turns, the agent's own steps as assistant turns."""
-    messages = [{"role": "system", "content": system_prompt(pack)}]
+def render_messages(company: Company, transcript: list[Entry]) -> list[dict[str, str]]:
+    """Chat messages for the student: system = policy + contract; the customer and tool results
+    as user turns, the agent's own steps as assistant turns."""
+    messages = [{"role": "system", "content": system_prompt(company)}]
     for entry in transcript:
         if entry.role == "agent":
             messages.append({"role": "assistant", "content": entry.content})

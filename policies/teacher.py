@@ -154,7 +154,7 @@ def judge_messages(trajectory: Trajectory, context: TeacherContext) -> list[dict
 def demonstrate_messages(prefix: Trajectory, context: TeacherContext) -> list[dict[str, str]]:
     """Write the agent's next step after `prefix`."""
     user = f"{situation(context.ticket, prefix.transcript)}\n\nWrite the agent's next step. {THOUGHT_GUIDE}"
-    return [{"role": "system", "content": system_prompt(context.pack)}, {"role": "user", "content": user}]
+    return [{"role": "system", "content": system_prompt(context.pack.company)}, {"role": "user", "content": user}]
 
 
 def situation(ticket: Ticket | None, transcript: tuple[Entry, ...]) -> str:

@@ -187,7 +187,7 @@ def test_a_rollout_actor_that_dies_is_replaced_on_the_base_model(tiny_model_dir)
     start_ray()
     try:
         pool = RayStudentPool(tiny_model_dir, StudentOptions(max_new_tokens=4), n=1, threads=1)
-        prompt = render_messages(load_pack(ROOT / "tests" / "data" / "acme"), [Entry("customer", "hi")])
+        prompt = render_messages(load_pack(ROOT / "tests" / "data" / "acme").company, [Entry("customer", "hi")])
         first = pool.act([prompt])
         pool.adapter_id = "v0007"  # as if an adapter had been swapped in
         ray.kill(pool._workers[0])

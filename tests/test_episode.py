@@ -2,7 +2,6 @@
 
 import json
 import re
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,7 @@ import pytest
 from environments.actions import Action
 from environments.episode import SupportEpisode, normalize
 from environments.pack import load_pack
-from policies.protocol import ACTION_CONTRACT, MAX_LISTED_ARTICLES, system_prompt
+from policies.protocol import ACTION_CONTRACT
 
 PACK = load_pack(Path(__file__).parent / "data" / "acme")
 
@@ -168,18 +167,3 @@ def test_a_step_is_written_decision_first_as_the_contract_shows():
     assert keys == ["action", "args", "thought", "message"]
     example = re.search(r'\{"[^\n]*\}', ACTION_CONTRACT).group()
     assert re.findall(r'"(\w+)":', example) == keys
-
-
-def test_the_system_message_lists_the_knowledge_base_titles():
-    """The student sees what its knowledge base covers before it searches: every article title, in
-    the pack's order, between the policy and the action contract; a long knowledge base is cut and
-    counted."""
-    text = system_prompt(PACK)
-    policy_end, contract = text.index(PACK.company.policy.strip()[-30:]), text.index(ACTION_CONTRACT)
-    listed = text.index("Knowledge base articles: ")
-    assert policy_end < listed < contract
-    positions = [text.index(a.title, listed) for a in PACK.articles]
-    assert positions == sorted(positions) and positions[-1] < contract
-    many = replace(PACK, articles=PACK.articles * (MAX_LISTED_ARTICLES // len(PACK.articles) + 2))
-    assert f"; and {len(many.articles) - MAX_LISTED_ARTICLES} more." in system_prompt(many)
-    assert "Knowledge base articles" not in system_prompt(replace(PACK, articles=()))

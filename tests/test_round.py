@@ -111,7 +111,7 @@ def test_tau_is_fitted_on_training_companies_left_out_of_training(tiny_model_dir
     production[0] = {"role": "system", "content": "production prompt of " + rt.validation_packs[1].id}
     store.add_examples([ExampleRow(source="production", company_id=rt.validation_packs[1].id, messages=production, has_escalation=False)])
     retrain(rt, 1, RoundSummary(1, "test"))
-    assert set(trained_on) == {system_prompt(p) for p in rt.train_packs[:3]} | {production[0]["content"]}
+    assert set(trained_on) == {system_prompt(p.company) for p in rt.train_packs[:3]} | {production[0]["content"]}
     # as many tickets as one per training pack (20 packs), from the 4 packs of the companies left out
     assert fitted_on == [([p.id for p in rt.validation_packs], 5)]
     few = Runtime(store=store, packs=[p for p in packs if p.company.name in left_out or p.company.split == "heldout"], student=None,

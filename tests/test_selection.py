@@ -34,7 +34,7 @@ class ConstructedScorer:
 
 def distance_of(work, tau: float) -> float:
     pack, ticket = work
-    return abs(ConstructedScorer.p(render_messages(pack, SupportEpisode(pack, ticket).transcript)) - tau)
+    return abs(ConstructedScorer.p(render_messages(pack.company, SupportEpisode(pack, ticket).transcript)) - tau)
 
 
 def test_uncertainty_picks_the_tickets_nearest_tau_and_keeps_every_reason_and_company():

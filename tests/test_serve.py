@@ -36,7 +36,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 @pytest.fixture(scope="module")
 def adapter(tiny_model_dir, tmp_path_factory):
     """A tiny adapter that learned one answer: CLARIFY to QUESTION (the random tiny model writes no JSON)."""
-    conversation = render_messages(PACK, [Entry("customer", QUESTION)]) + [{"role": "assistant", "content": CLARIFY.to_json()}]
+    conversation = render_messages(PACK.company, [Entry("customer", QUESTION)]) + [{"role": "assistant", "content": CLARIFY.to_json()}]
     path = tmp_path_factory.mktemp("adapters") / "v0001"
     train_adapter(tiny_model_dir, [conversation] * 8, path,
                   LoraSettings(r=16, alpha=32, epochs=40, batch_size=8, learning_rate=1e-2, max_length=1024), progress=False)
