@@ -107,9 +107,10 @@ def decorate_openings(conversations: list[Conversation], share: float, *, seed: 
     customer's opening message reworded as real tickets vary, its decision unchanged: an irrelevant
     sentence before or after it, and a typing slip or two in plain words. A conversation that never
     escalates may get a sentence with escalation-sounding words ("My old laptop crashed last week");
-    one that escalates only a neutral one. The student sees every decision with and without such
-    distractions, so their words alone stop deciding it (held out, needless escalations came nearly
-    all from tickets with a distraction: README, "Distractions in training")."""
+    one that escalates only a neutral one. The aim: every decision seen with and without such
+    distractions (held out, needless escalations came nearly all from tickets with one). In the main
+    command's round 1 it did not raise validation J, so it is off by default (README, "Distractions
+    in training")."""
     rng = random.Random(seed)
     out = []
     for conversation in conversations:
