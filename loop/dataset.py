@@ -16,6 +16,7 @@ from typing import Iterable
 
 from environments import builtin_domains as words
 from environments.builtin import typos
+from policies.protocol import CUSTOMER
 from store.rows import ExampleRow
 
 Conversation = list[dict[str, str]]
@@ -114,15 +115,15 @@ def decorate_openings(conversations: list[Conversation], share: float, *, seed: 
     rng = random.Random(seed)
     out = []
     for conversation in conversations:
-        opening = next((i for i, m in enumerate(conversation) if m["role"] == "user" and m["content"].startswith("Customer: ")), None)
+        opening = next((i for i, m in enumerate(conversation) if m["role"] == "user" and m["content"].startswith(CUSTOMER)), None)
         if opening is None or rng.random() >= share:
             out.append(conversation)
             continue
-        text = conversation[opening]["content"].removeprefix("Customer: ")
+        text = conversation[opening]["content"].removeprefix(CUSTOMER)
         pool = words.NOISE if "escalate" in _assistant_actions(conversation) else words.NOISE + words.TRAP_NOISE
         noise = rng.choice(pool)
         text = f"{noise} {text}" if rng.random() < 0.5 else f"{text} {noise}"
         if rng.random() < 0.5:
             text = typos(text, rng, _PLAIN_WORD)
-        out.append([*conversation[:opening], {**conversation[opening], "content": f"Customer: {text}"}, *conversation[opening + 1:]])
+        out.append([*conversation[:opening], {**conversation[opening], "content": CUSTOMER + text}, *conversation[opening + 1:]])
     return out

@@ -134,6 +134,9 @@ def system_prompt(company: Company) -> str:
     return f"You are the support agent of {company.name}.{tone}\nPolicy:\n{company.policy.strip()}\n\n{ACTION_CONTRACT}"
 
 
+CUSTOMER = "Customer: "  # how a customer's message opens its user turn
+
+
 def render_messages(company: Company, transcript: list[Entry]) -> list[dict[str, str]]:
     """Chat messages for the student: system = policy + contract; the customer and tool results
     as user turns, the agent's own steps as assistant turns."""
@@ -142,7 +145,7 @@ def render_messages(company: Company, transcript: list[Entry]) -> list[dict[str,
         if entry.role == "agent":
             messages.append({"role": "assistant", "content": entry.content})
         elif entry.role == "customer":
-            messages.append({"role": "user", "content": f"Customer: {entry.content}"})
+            messages.append({"role": "user", "content": CUSTOMER + entry.content})
         else:
             messages.append({"role": "user", "content": f"Tool: {entry.content}"})
     return messages
