@@ -16,7 +16,7 @@ from typing import Iterable
 
 from environments import builtin_domains as words
 from environments.builtin import typos
-from policies.protocol import CUSTOMER
+from policies.protocol import CUSTOMER, THOUGHT_FIRST, in_order
 from store.rows import ExampleRow
 
 Conversation = list[dict[str, str]]
@@ -127,3 +127,16 @@ def decorate_openings(conversations: list[Conversation], share: float, *, seed: 
             text = typos(text, rng, _PLAIN_WORD)
         out.append([*conversation[:opening], {**conversation[opening], "content": CUSTOMER + text}, *conversation[opening + 1:]])
     return out
+
+
+def thoughts_first(conversations: list[Conversation], share: float, *, seed: int = 0) -> list[Conversation]:
+    """`share` of the conversations (each drawn on its own) written thought first: every step's
+    rationale before its action, and the system message's step example in that order, which tells
+    the two tasks apart. The rest stay action first, the order the student plays in (under
+    `json_mode` its grammar holds it there). Training on both is the multi-task recipe of
+    "Distilling Step-by-Step" (Hsieh et al. 2023): the rationale, learned from the ticket rather than
+    after the action, as a second task beside the decision."""
+    if share >= 1:
+        return [in_order(c, THOUGHT_FIRST) for c in conversations]
+    rng = random.Random(f"thoughts-first:{seed}")
+    return [in_order(c, THOUGHT_FIRST) if share > 0 and rng.random() < share else c for c in conversations]

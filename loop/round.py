@@ -19,7 +19,7 @@ from environments.episode import SupportEpisode
 from environments.pack import Pack, Ticket
 from loop.calibration import fit_operating_point, plot_calibration, save_operating_point
 from loop.correct import Corrected, score_correct
-from loop.dataset import build_dataset, with_replay
+from loop.dataset import build_dataset, thoughts_first, with_replay
 from loop.evaluate import evaluate, run_episodes, training_pool
 from loop.gate import gate
 from loop.metrics import TicketOutcome, report
@@ -28,7 +28,7 @@ from loop.records import episode_rows, outcomes_of, record_eval, register_packs
 from loop.selection import Pick, select_tickets
 from loop.train import LoraSettings, TrainResult, same_shape
 from policies.policy import StudentPolicy, TeacherPolicy
-from policies.protocol import THOUGHT_FIRST, in_order, render_messages
+from policies.protocol import render_messages
 from policies.student import Student, operating_point
 from policies.teacher import Teacher, Usage
 from store import AdapterRow, CorrectionRow, ExampleRow, Store
@@ -59,6 +59,7 @@ class RoundSettings:
     validation_companies: int = 2  # whole training companies left out of training, τ fitted on them (0: every company's validation split)
     max_over_escalation: float = 0.0  # > 0: τ gives the best recall within this over-escalation; 0: τ maximizes J
     thought_first: bool = False  # the student writes its thought first (`thought_samples`): it trains on THOUGHT_FIRST steps
+    thought_first_share: float = 0.0  # else this share of the training conversations is written thought first (loop/dataset.thoughts_first)
     seed: int = 0
 
 
@@ -204,7 +205,7 @@ def retrain(rt: Runtime, round_no: int, summary: RoundSummary) -> RoundSummary:
     store.log_event("training_started", version=version, round=round_no, examples=dataset.n_unique, sources=dataset.sources,
                     start_from=parent.version if start else None)
     try:
-        conversations = [in_order(c, THOUGHT_FIRST) for c in dataset.conversations] if s.thought_first else dataset.conversations
+        conversations = thoughts_first(dataset.conversations, 1.0 if s.thought_first else s.thought_first_share, seed=s.seed + round_no)
         result = rt.train(rt.model_dir, conversations, path, lora)
     except BaseException:
         store.set_adapter_status(version, "failed")

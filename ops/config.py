@@ -49,6 +49,7 @@ class Config:
     keep_clean: float = _f(0.5, "Probability of keeping a trajectory that needed no repair.")
     escalation_share: float = _f(0.3, "Share of training assistant turns that are escalations (oversampled up to it).")
     decorate: float = _f(0.0, "Share of training conversations whose opening customer message gets an irrelevant sentence (and sometimes a typo), its decision unchanged.")
+    thought_first_share: float = _f(0.0, "Share of training conversations written thought first (the rationale before the action), a second task beside the action-first steps the student plays (Distilling Step-by-Step); with thought_samples > 0 every one is.")
     collect_with: Literal["promoted", "newest"] = _f("promoted", "Who rolls out in SCoRe rounds: the promoted adapter (else the base model), or the newest trained adapter even if the gate refused it.")
     selection: Literal["uniform", "uncertainty", "mixed"] = _f("uniform", "Which training tickets a SCoRe collection rolls out: uniform at random; uncertainty: p(escalate) nearest the collector's τ (each reason and company kept); mixed: half each.")
     selection_pool: int = _f(3, "Candidates scored per ticket picked, under the uncertainty and mixed rules.")
@@ -98,7 +99,7 @@ class Config:
                      "train_batch_size", "grad_accum", "max_length", "rollout_workers", "selection_pool"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("keep_clean", "escalation_share", "decorate", "min_valid_json", "max_regression", "max_over_escalation"):
+        for name in ("keep_clean", "escalation_share", "decorate", "thought_first_share", "min_valid_json", "max_regression", "max_over_escalation"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
         for name in ("method", "collect_with", "selection"):

@@ -1,5 +1,5 @@
 """The training set: aggregate, deduplicated, held-out refused, escalation turns oversampled, a
-share of openings reworded; a continued adapter's: the new examples and a replayed sample of the
+share of openings reworded, a share written thought first; a continued adapter's: the new examples and a replayed sample of the
 older ones."""
 
 import json
@@ -7,7 +7,8 @@ import json
 import pytest
 
 from environments import builtin_domains as words
-from loop.dataset import build_dataset, decorate_openings, with_replay
+from loop.dataset import build_dataset, decorate_openings, thoughts_first, with_replay
+from policies.protocol import THOUGHT_FIRST, step_example
 from store import ExampleRow
 
 
@@ -101,3 +102,22 @@ def test_decorate_share_and_build_dataset():
     data = build_dataset(rows, heldout=set(), escalation_share=0.0, decorate=0.5, seed=1)
     changed = sum(c[1]["content"] not in {f"Customer: hi {i}" for i in range(200)} for c in data.conversations)
     assert 70 < changed < 130 and data.n_unique == 200 and len(data.conversations) == 200
+
+
+def test_a_share_of_conversations_is_written_thought_first():
+    system = {"role": "system", "content": f"policy. Reply with one JSON object: {step_example()}"}
+    step = {"action": "escalate", "args": {"reason": "billing_exception"}, "thought": "45 is more than 35", "message": ""}
+    conversations = [[system, {"role": "user", "content": f"Customer: hi {i}"}, {"role": "assistant", "content": json.dumps(step)}]
+                     for i in range(200)]
+    out = thoughts_first(conversations, 0.5, seed=2)
+    flipped = [c for c in out if json.loads(c[2]["content"]) and c[2]["content"].startswith('{"thought"')]
+    assert 70 < len(flipped) < 130
+    for before, after in zip(conversations, out):
+        assert json.loads(after[2]["content"]) == step and after[1] == before[1]  # the same step, only its key order moves
+        thought_first = after[2]["content"].startswith('{"thought"')
+        # the system message's example is in the order of the conversation's steps: it tells the two tasks apart
+        assert (step_example(THOUGHT_FIRST) in after[0]["content"]) == thought_first
+        assert (step_example() in after[0]["content"]) == (not thought_first)
+    assert thoughts_first(conversations, 0.0) == conversations
+    assert all(c[2]["content"].startswith('{"thought"') for c in thoughts_first(conversations, 1.0))
+    assert conversations[0][2]["content"] == json.dumps(step)  # the input is not modified
