@@ -1,7 +1,7 @@
 """From stored examples to the training set: aggregate, deduplicated, held-out refused, escalation
 turns oversampled to a configured share of all assistant turns, a share of the customers' openings
-reworded the way real tickets vary; for an adapter that continues another, what is new since that
-one plus a replayed sample of the rest."""
+reworded the way real tickets vary, a share written thought first; for an adapter that continues
+another, what is new since that one plus a replayed sample of the rest."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The training set: aggregate, deduplicated, held-out refused, escalation turns oversampled, a
-share of openings reworded, a share written thought first; a continued adapter's: the new examples and a replayed sample of the
-older ones."""
+share of openings reworded, a share written thought first; a continued adapter's: the new examples
+and a replayed sample of the older ones."""
 
 import json
 
@@ -110,7 +110,7 @@ def test_a_share_of_conversations_is_written_thought_first():
     conversations = [[system, {"role": "user", "content": f"Customer: hi {i}"}, {"role": "assistant", "content": json.dumps(step)}]
                      for i in range(200)]
     out = thoughts_first(conversations, 0.5, seed=2)
-    flipped = [c for c in out if json.loads(c[2]["content"]) and c[2]["content"].startswith('{"thought"')]
+    flipped = [c for c in out if c[2]["content"].startswith('{"thought"')]
     assert 70 < len(flipped) < 130
     for before, after in zip(conversations, out):
         assert json.loads(after[2]["content"]) == step and after[1] == before[1]  # the same step, only its key order moves
