@@ -136,7 +136,5 @@ def thoughts_first(conversations: list[Conversation], share: float, *, seed: int
     `json_mode` its grammar holds it there). Training on both is the multi-task recipe of
     "Distilling Step-by-Step" (Hsieh et al. 2023): the rationale, learned from the ticket rather than
     after the action, as a second task beside the decision."""
-    if share >= 1:
-        return [in_order(c, THOUGHT_FIRST) for c in conversations]
     rng = random.Random(f"thoughts-first:{seed}")
-    return [in_order(c, THOUGHT_FIRST) if share > 0 and rng.random() < share else c for c in conversations]
+    return [in_order(c, THOUGHT_FIRST) if rng.random() < share else c for c in conversations]
