@@ -20,6 +20,7 @@ from environments.pack import Pack, Ticket
 from loop.calibration import fit_operating_point, plot_calibration, save_operating_point
 from loop.correct import Corrected, score_correct
 from loop.dataset import build_dataset, thoughts_first, with_replay
+from policies.protocol import comparisons_first
 from loop.evaluate import evaluate, run_episodes, training_pool
 from loop.gate import gate
 from loop.metrics import TicketOutcome, report
@@ -60,6 +61,7 @@ class RoundSettings:
     max_over_escalation: float = 0.0  # > 0: τ gives the best recall within this over-escalation; 0: τ maximizes J
     thought_first: bool = False  # the student writes its thought first (`thought_samples`): it trains on THOUGHT_FIRST steps
     thought_first_share: float = 0.0  # else this share of the training conversations is written thought first (loop/dataset.thoughts_first)
+    comparisons_first: bool = False  # steps whose thought compares two numbers train thought first (protocol.comparisons_first)
     seed: int = 0
 
 
@@ -206,6 +208,8 @@ def retrain(rt: Runtime, round_no: int, summary: RoundSummary) -> RoundSummary:
                     start_from=parent.version if start else None)
     try:
         conversations = thoughts_first(dataset.conversations, 1.0 if s.thought_first else s.thought_first_share, seed=s.seed + round_no)
+        if s.comparisons_first:
+            conversations = [comparisons_first(c) for c in conversations]
         result = rt.train(rt.model_dir, conversations, path, lora)
     except BaseException:
         store.set_adapter_status(version, "failed")

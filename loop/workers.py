@@ -45,6 +45,7 @@ class StudentOptions:
     seed: int = 0
     thought_samples: int = 0
     json_mode: bool = False
+    comparisons_first: bool = False
 
 
 def start_ray(address: str = "") -> None:
@@ -69,7 +70,8 @@ class RolloutWorker:
         torch.set_num_threads(threads)  # Ray sets OMP threads to 1 for a 0-CPU actor
         self.student = HFStudent(Path(model_dir), load_in_4bit=options.load_in_4bit, batch_size=options.batch_size,
                                  max_new_tokens=options.max_new_tokens, temperature=options.temperature, seed=options.seed,
-                                 thought_samples=options.thought_samples, json_mode=options.json_mode)
+                                 thought_samples=options.thought_samples, json_mode=options.json_mode,
+                                 comparisons_first=options.comparisons_first)
 
     def act(self, prompts: list[list[Message]]) -> list[str]:
         return self.student.act(prompts)

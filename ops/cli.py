@@ -117,11 +117,13 @@ def _load_or_exit(dirs: list[Path]) -> list[Pack]:
 @click.option("--no-threshold", is_flag=True, help="Ignore the adapter's operating point τ: the raw greedy student.")
 @click.option("--thought-samples", type=click.IntRange(0, 64), default=0, show_default=True,
               help="A thought-first student (config: thought_samples): decide on the mean p(escalate) over this many sampled thoughts.")
+@click.option("--comparisons-first/--no-comparisons-first", default=True, show_default=True,
+              help="An adapter may write a step thought first where it compares two numbers, under json_mode too, as the loop does (config: comparisons_first).")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a PNG: reliability diagram and ROC of p(escalate), the operating point marked.")
 def eval_cmd(policy_name: str, model: str, adapter: Path | None, load_in_4bit: bool, json_mode: bool, batch_size: int,
              api_base: str | None, pack_dirs: tuple[Path, ...], limit: int | None, as_json: bool, db: Path | None,
-             no_threshold: bool, thought_samples: int, plot: Path | None) -> None:
+             no_threshold: bool, thought_samples: int, comparisons_first: bool, plot: Path | None) -> None:
     """Run a policy over company packs and print its metrics with 95% bootstrap intervals.
 
     With an adapter that carries an operating point τ the student escalates exactly when its
@@ -136,7 +138,7 @@ def eval_cmd(policy_name: str, model: str, adapter: Path | None, load_in_4bit: b
         from policies.models import resolve_model
 
         student = HFStudent(resolve_model(model), adapter=adapter, load_in_4bit=load_in_4bit, batch_size=batch_size, json_mode=json_mode,
-                            use_threshold=not no_threshold, thought_samples=thought_samples)
+                            use_threshold=not no_threshold, thought_samples=thought_samples, comparisons_first=comparisons_first)
         policy = StudentPolicy(student, name=student.name + ("" if json_mode else " (no json-mode)"))
         adapter_version = adapter.name if adapter else None
     elif policy_name.startswith("teacher:"):
@@ -460,7 +462,8 @@ def serve_cmd(config_file: Path | None, sets: tuple[str, ...], db: str | None, h
     cfg = _config(config_file, sets, db=db)
     packs = build_packs(cfg)
     student = HFStudent(resolve_model(cfg.model), load_in_4bit=cfg.load_in_4bit, batch_size=max(1, cfg.thought_samples),
-                        max_new_tokens=cfg.max_new_tokens, json_mode=cfg.json_mode, seed=cfg.seed, thought_samples=cfg.thought_samples)
+                        max_new_tokens=cfg.max_new_tokens, json_mode=cfg.json_mode, seed=cfg.seed, thought_samples=cfg.thought_samples,
+                        comparisons_first=cfg.comparisons_first)
     service = Service(cfg.db, packs, student, build_teacher(cfg), token=token, agreements=cfg.production_agreements,
                       weight=cfg.production_weight, limits=Limits(max_body_bytes=max_body_bytes, max_messages=max_messages, max_queue=max_queue))
     uvicorn.run(create_app(service), host=host, port=port, log_level="info")

@@ -32,6 +32,7 @@ class Config:
     max_new_tokens: int = _f(128, "Longest step the student may write, in tokens.")
     json_mode: bool = _f(True, "An adapter decodes every step under the protocol's JSON schema (xgrammar): one of the six actions with exactly its args, strings bounded, wherever it acts (rollouts, evaluation, the gate, serve); the base model answers as before. On the hand-written packs it lifted valid JSON from 0.89 to 0.98 (README, Decoding under the schema).")
     max_steps: int = _f(12, "Steps per episode before it is cut off.")
+    comparisons_first: bool = _f(True, "Steps whose rationale compares two numbers (\"11 is within 12\", \"45 is more than 35\") are trained and decoded thought first, the comparison written before the decision; every other step stays action first, its p(escalate) graded for τ. In round 1 of the main command it raised validation J from 0.39 to 0.48 (README, Comparisons first).")
     thought_samples: int = _f(0, "0: the student writes each step's action first, and p(escalate) is read there. k > 0: an adapter writes (and trains on) its thought first and decides on the mean p(escalate) over k thoughts sampled at temperature 1; each step decodes k thoughts (k 16 held the gate's corner on the held-out pair, k 4-8 did not, at 7.8x the scoring time for k 16: README, Sampled thoughts).")
     # the teacher
     teacher: str = _f("oracle", "oracle (the environment's reference policy), or a litellm model string.")

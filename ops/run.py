@@ -54,7 +54,7 @@ def round_settings(cfg: Config) -> RoundSettings:
         selection=cfg.selection, selection_pool=cfg.selection_pool,
         calibration_tickets=max(1, cfg.calibration_tickets // (1 + redraws(cfg))), max_over_escalation=cfg.max_over_escalation,
         validation_companies=cfg.validation_companies, thought_first=cfg.thought_samples > 0,
-        thought_first_share=cfg.thought_first_share, seed=cfg.seed,
+        thought_first_share=cfg.thought_first_share, comparisons_first=cfg.comparisons_first, seed=cfg.seed,
     )
 
 
@@ -74,7 +74,7 @@ def build_runtime(cfg: Config, *, progress: bool = True) -> Runtime:
     model_dir = resolve_model(cfg.model)
     start_ray(cfg.ray_address)
     options = StudentOptions(load_in_4bit=cfg.load_in_4bit, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
-                             thought_samples=cfg.thought_samples, json_mode=cfg.json_mode)
+                             thought_samples=cfg.thought_samples, json_mode=cfg.json_mode, comparisons_first=cfg.comparisons_first)
     pool = RayStudentPool(model_dir, options, n=cfg.rollout_workers, threads=cfg.threads)
     return Runtime(
         store=Store.open(cfg.db), packs=packs, student=pool, teacher=build_teacher(cfg),

@@ -32,6 +32,12 @@ mean ≥ τ; the thought that leans furthest toward it is continued, greedily, f
 which the gate spells as decided (the continuation has `max_new_tokens` of its own). It costs k
 thoughts' decoding per step (bench/thoughts.py measures what it buys).
 
+**Comparisons first** (`comparisons_first`). An adapter trained to write a step thought first where
+its rationale compares two numbers ("11 is within 12"), and action first everywhere else
+(`protocol.comparisons_first`), reads its earlier steps so, and under json_mode decodes under a
+grammar that admits either key order. Its first token chooses the order; on a step it thinks first,
+the gate reads p(escalate) at the action name after the greedy thought, so τ applies there too.
+
 **json_mode** decodes every step under the protocol's JSON schema (`step_schema`, compiled once by
 xgrammar): at each token only those that keep the text a prefix of a valid step are allowed, so the
 step is one of the six actions with exactly its args, in the protocol's key order, its strings
@@ -63,7 +69,7 @@ from transformers import (
 )
 
 from environments.actions import ACTIONS, REASONS
-from policies.protocol import ACTION_FIRST, THOUGHT_FIRST, in_order, step_schema
+from policies.protocol import ACTION_FIRST, THOUGHT_FIRST, comparisons_first, in_order, step_schema
 from policies.student import Generation, Message, operating_point
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -104,6 +110,7 @@ class HFStudent:
         use_threshold: bool = True,
         thought_samples: int = 0,
         thought_temperature: float = 1.0,
+        comparisons_first: bool = False,
     ):
         """Load the base model from `model_dir` (see `policies.models.resolve_model`).
 
@@ -119,6 +126,9 @@ class HFStudent:
             first (prompts in THOUGHT_FIRST order) and decides on the mean p(escalate) over k thoughts
             sampled at `thought_temperature` (see "Sampled thoughts" in the module docstring); the base
             model, never taught to reason first, still answers as it always did.
+        comparisons_first: under json_mode, an adapter may write a step thought first as well as action
+            first (trained so: `protocol.comparisons_first`); p(escalate) is read at the action name
+            wherever it comes, after a greedy thought on such a step.
         """
         if dtype != "auto" and dtype not in DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, not {dtype!r}")
@@ -136,6 +146,7 @@ class HFStudent:
         self.prefix_cache = prefix_cache
         self.use_threshold = use_threshold
         self.thought_samples, self.thought_temperature = thought_samples, thought_temperature
+        self.comparisons_first = comparisons_first
         self.threshold: float | None = None  # the live adapter's τ, when applied
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -156,7 +167,7 @@ class HFStudent:
         # corrupting the base. So on CPU every swap starts from a copy taken before any forward.
         self._untouched_base = copy.deepcopy(self.model) if load_in_4bit and self.device.type == "cpu" else None
         self.adapter_id: str | None = None
-        self._grammars: dict[tuple[str, ...], xgrammar.CompiledGrammar] = {}  # step_schema by key order, on first json_mode use
+        self._grammars: dict[tuple, xgrammar.CompiledGrammar] = {}  # step_schema by key orders, on first json_mode use
         self._quotes: torch.Tensor | None = None  # which tokens hold a '"', on first json_mode use
         self._action_ids = action_first_token_ids(self.tokenizer)
         self._reason_ids = reason_token_ids(self.tokenizer)
@@ -196,6 +207,8 @@ class HFStudent:
         """Like `act`, with the adapter that answered, token counts and p(escalate) for each prompt."""
         if self.thought_samples and self.adapter_id is not None:  # the base model was never taught to reason first
             return self._sampled([self._render(in_order(m, THOUGHT_FIRST)) for m in prompts], stop_at_action)
+        if self.comparisons_first and self.adapter_id is not None:  # its earlier steps as it was trained to read them
+            prompts = [comparisons_first(m) for m in prompts]
         return [g for g, _ in self._batched([self._render(m) for m in prompts], stop_at_action=stop_at_action)]
 
     @property
@@ -302,9 +315,10 @@ class HFStudent:
         if schema:
             # After the gate: the grammar narrows what the gate allows. A continued thought's object
             # opened in its prompt: its matcher first reads the step's tokens written so far.
-            keys = THOUGHT_FIRST if self.thought_samples else ACTION_FIRST
+            orders = ((THOUGHT_FIRST,) if self.thought_samples else
+                      (ACTION_FIRST, THOUGHT_FIRST) if self.comparisons_first else (ACTION_FIRST,))
             leads = [ids[len(ids) - c.lead :] for ids, c in zip(prompt_ids, decisions)] if decisions else [[]] * B
-            processors.append(StepGrammar(self._grammar(keys), prompt_len, leads, self.max_new_tokens, self._quote_ids()))
+            processors.append(StepGrammar(self._grammar(orders), prompt_len, leads, self.max_new_tokens, self._quote_ids()))
         if stop_at_action:
             stops.append(_StopAfterDecision(gate))
         out_B_T = self.model.generate(
@@ -336,13 +350,13 @@ class HFStudent:
             self._quotes = torch.tensor(['"' in (p or "") for p in pieces], device=self.device)
         return self._quotes
 
-    def _grammar(self, keys: tuple[str, ...]) -> xgrammar.CompiledGrammar:
-        if keys not in self._grammars:
+    def _grammar(self, orders: tuple[tuple[str, ...], ...]) -> xgrammar.CompiledGrammar:
+        if orders not in self._grammars:
             # Compact separators: steps are written (and trained on) as pydantic serializes them.
             info = xgrammar.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.model.config.vocab_size)
-            self._grammars[keys] = xgrammar.GrammarCompiler(info, max_threads=1).compile_json_schema(
-                json.dumps(step_schema(keys)), any_whitespace=False, separators=(",", ":"))
-        return self._grammars[keys]
+            self._grammars[orders] = xgrammar.GrammarCompiler(info, max_threads=1).compile_json_schema(
+                json.dumps(step_schema(*orders)), any_whitespace=False, separators=(",", ":"))
+        return self._grammars[orders]
 
 
 @torch.inference_mode()

@@ -7,6 +7,7 @@ model; anything else is an invalid step whose reason is recorded (never silently
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from pydantic import ValidationError
@@ -46,10 +47,11 @@ ACTION_CONTRACT = (
 THOUGHT_CHARS, MESSAGE_CHARS, ARG_CHARS = 240, 200, 200
 
 
-def step_schema(keys: tuple[str, ...] = ACTION_FIRST) -> dict:
+def step_schema(*orders: tuple[str, ...]) -> dict:
     """JSON schema of one step as a student decodes it under `json_mode`: one of the six actions
     with exactly its args (reasons, priorities and statuses from their lists), every key written, in
-    this order, and each string bounded. Stricter than `Action`: any step it admits passes."""
+    one of these key orders (default: ACTION_FIRST), and each string bounded. Stricter than `Action`:
+    any step it admits passes."""
     def text(most: int, required: bool = False) -> dict:
         # A pattern, not maxLength: xgrammar 0.2's bounded strings admit raw control characters,
         # which no JSON parser accepts. No escapes either (nor `"` or `\` inside a value): the
@@ -59,13 +61,14 @@ def step_schema(keys: tuple[str, ...] = ACTION_FIRST) -> dict:
         return {"type": "string", "pattern": f"^{pattern}$"}
 
     variants = []
-    for name, spec in REQUIRED_ARGS.items():
-        args = {a: {"enum": list(allowed)} if allowed else text(ARG_CHARS, required=True) for a, allowed in spec.items()}
-        fields = {"action": {"const": name},
-                  "args": {"type": "object", "properties": args, "required": list(args), "additionalProperties": False},
-                  "thought": text(THOUGHT_CHARS), "message": text(MESSAGE_CHARS, required=name in MESSAGE_ACTIONS)}
-        variants.append({"type": "object", "properties": {k: fields[k] for k in keys}, "required": list(keys),
-                         "additionalProperties": False})
+    for keys in orders or (ACTION_FIRST,):
+        for name, spec in REQUIRED_ARGS.items():
+            args = {a: {"enum": list(allowed)} if allowed else text(ARG_CHARS, required=True) for a, allowed in spec.items()}
+            fields = {"action": {"const": name},
+                      "args": {"type": "object", "properties": args, "required": list(args), "additionalProperties": False},
+                      "thought": text(THOUGHT_CHARS), "message": text(MESSAGE_CHARS, required=name in MESSAGE_ACTIONS)}
+            variants.append({"type": "object", "properties": {k: fields[k] for k in keys}, "required": list(keys),
+                             "additionalProperties": False})
     return {"anyOf": variants}
 
 
@@ -102,6 +105,27 @@ def in_order(messages: list[dict[str, str]], keys: tuple[str, ...]) -> list[dict
             m = {**m, "content": m["content"].replace(step_example(), step_example(keys))}
         out.append(m)
     return out
+
+
+# A rationale that compares two numbers, as the oracle and THOUGHT_GUIDE write it: "45 is more than 35", "11 is within 12".
+_COMPARISON = re.compile(r"\b\d+(?:\.\d+)? is (?:more than|within) \d")
+
+
+def compares_numbers(step: str) -> bool:
+    """Whether a step's JSON has a thought that compares two numbers."""
+    try:
+        obj = json.loads(step)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(obj, dict) and isinstance(obj.get("thought"), str) and bool(_COMPARISON.search(obj["thought"]))
+
+
+def comparisons_first(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """A conversation with every assistant step whose thought compares two numbers in THOUGHT_FIRST
+    order, the rest as they are: the student learns to write the comparison before it decides where
+    a number decides, and to decide at once (p(escalate) graded, for τ to trade) everywhere else."""
+    return [{**m, "content": reorder(m["content"], THOUGHT_FIRST)} if m["role"] == "assistant" and compares_numbers(m["content"]) else m
+            for m in messages]
 
 
 @dataclass(frozen=True)

@@ -121,3 +121,35 @@ def test_a_share_of_conversations_is_written_thought_first():
     assert thoughts_first(conversations, 0.0) == conversations
     assert all(c[2]["content"].startswith('{"thought"') for c in thoughts_first(conversations, 1.0))
     assert conversations[0][2]["content"] == json.dumps(step)  # the input is not modified
+
+
+def test_steps_that_compare_numbers_are_written_thought_first_and_no_others():
+    """comparisons_first: on the oracle's conversations of the built-in packs, exactly the steps whose
+    rationale compares two numbers (the refund-window and seat-limit tickets' openings) come thought
+    first, each the same action as before; every other step is untouched."""
+    from environments.builtin import build_packs
+    from environments.episode import SupportEpisode
+    from policies.protocol import comparisons_first, parse_action, render_messages
+
+    moved = kept = 0
+    for pack in build_packs(0)[:3]:
+        for ticket in pack.tickets[:40]:
+            episode = SupportEpisode(pack, ticket)
+            while not episode.done:
+                episode.step(episode.reference_action())
+            before = render_messages(pack.company, episode.transcript)
+            after = comparisons_first(before)
+            for old, new in zip(before, after):
+                if old["role"] != "assistant":
+                    assert new == old
+                    continue
+                assert parse_action(new["content"]).action == parse_action(old["content"]).action
+                thought = parse_action(old["content"]).action.thought
+                if new["content"].startswith('{"thought"'):
+                    moved += 1
+                    assert " is within " in thought or " is more than " in thought
+                    assert ticket.truth.intent in ("refund_request", "team_pricing")
+                else:
+                    kept += 1
+                    assert new == old and " is within " not in thought and " is more than " not in thought
+    assert moved >= 5 and kept > 10 * moved

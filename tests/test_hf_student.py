@@ -225,8 +225,8 @@ def test_the_step_grammar_admits_every_oracle_step_and_refuses_invalid_ones(tiny
 
     student = HFStudent(tiny_model_dir)
 
-    def admitted(text: str, keys=ACTION_FIRST) -> bool:
-        m = xgrammar.GrammarMatcher(student._grammar(keys))
+    def admitted(text: str, *orders) -> bool:
+        m = xgrammar.GrammarMatcher(student._grammar(orders or (ACTION_FIRST,)))
         ids = student.tokenizer(text, add_special_tokens=False)["input_ids"] + [student.tokenizer.eos_token_id]
         return all(m.accept_token(t) for t in ids) and m.is_terminated()
 
@@ -242,6 +242,9 @@ def test_the_step_grammar_admits_every_oracle_step_and_refuses_invalid_ones(tiny
     assert len(steps) > 200
     assert all(admitted(s) for s in steps), [s for s in steps if not admitted(s)][:3]
     assert all(admitted(reorder(s, THOUGHT_FIRST), THOUGHT_FIRST) for s in steps[:50])
+    assert not admitted(reorder(steps[0], THOUGHT_FIRST))  # action first only, unless asked
+    both = (ACTION_FIRST, THOUGHT_FIRST)  # comparisons_first: either order, as the step was trained
+    assert all(admitted(s, *both) and admitted(reorder(s, THOUGHT_FIRST), *both) for s in steps[:50])
     for wrong in ['{"action":"search_kb","args":{"query":"x","thought":"t"},"thought":"","message":""}',  # a key in the wrong object
                   '{"action":"escalate","args":{"reason":"escalate"},"thought":"","message":"m"}',  # no such reason
                   '{"action":"reply","args":{},"thought":"","message":" "}',  # a reply says nothing

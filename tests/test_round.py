@@ -195,3 +195,42 @@ def test_a_thought_first_round_trains_on_thoughts_first_and_stores_apprentice_s_
     stored = [m["content"] for e in store.examples() for m in e.messages if m["role"] == "assistant"]
     assert all(s.startswith('{"action":') for s in stored) and {reorder(s, THOUGHT_FIRST) for s in stored} == set(steps)
     assert store.adapter("v0001").status in ("rejected_by_gate", "awaiting_approval")  # calibrated and evaluated by the sampling student
+
+
+def test_a_comparisons_first_round_trains_the_comparing_steps_thought_first(tiny_model_dir, tmp_path):
+    """With `comparisons_first` the adapter trains on the refund-window ticket's opening step thought
+    first and on every other step action first; the store keeps apprentice's own order."""
+    from environments.builtin import build_packs
+    from loop.records import register_packs
+    from loop.round import RoundSettings, RoundSummary, Runtime, collect_demonstrations, ensure_base_evaluated, retrain
+    from loop.train import LoraSettings, train_adapter
+    from policies.hf import HFStudent
+    from policies.protocol import compares_numbers
+    from policies.teacher import OracleTeacher
+
+    trained_on = []
+
+    def train(model_dir, conversations, out_dir, settings):
+        trained_on.extend(conversations)
+        return train_adapter(model_dir, conversations, out_dir, settings, progress=False)
+
+    store = Store.open(tmp_path / "a.db")
+    rt = Runtime(store=store, packs=build_packs(0), student=HFStudent(tiny_model_dir, max_new_tokens=16, batch_size=4, json_mode=True,
+                                                                      comparisons_first=True),
+                 teacher=OracleTeacher(), train=train, model_dir=tiny_model_dir, base_model="tiny", adapters_dir=tmp_path / "adapters",
+                 settings=RoundSettings(eval_tickets=1, max_steps=4, calibration_tickets=1, validation_companies=0, comparisons_first=True),
+                 lora=LoraSettings(r=4, alpha=8, epochs=1, batch_size=4), progress=False)
+    register_packs(store, rt.packs)
+    ensure_base_evaluated(rt)
+    pack = rt.train_packs[0]
+    refund = next(t for t in pack.tickets if t.truth.intent == "refund_request")
+    other = next(t for t in pack.tickets if t.truth.intent not in ("refund_request", "team_pricing"))
+    collect_demonstrations(rt, [(pack, refund), (pack, other)], 1)
+    retrain(rt, 1, RoundSummary(1, "test"))
+    steps = [m["content"] for c in trained_on for m in c if m["role"] == "assistant"]
+    first = [s for s in steps if s.startswith('{"thought":')]
+    assert first and all(compares_numbers(s) for s in first)
+    assert all(s.startswith('{"action":') and not compares_numbers(s) for s in steps if s not in first)
+    stored = [m["content"] for e in store.examples() for m in e.messages if m["role"] == "assistant"]
+    assert all(s.startswith('{"action":') for s in stored)
+    assert store.adapter("v0001").status in ("rejected_by_gate", "awaiting_approval")  # calibrated and evaluated by that student

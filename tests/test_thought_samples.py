@@ -105,3 +105,18 @@ def test_a_continued_row_spells_the_decided_name_from_its_first_token(smollm2_to
         scores[0, wanted[step]] += 1.0
         ids.append(int(gate(torch.tensor([ids]), scores)[0].argmax()))
     assert ids[start:] == wanted and gate.p_escalate == [0.4]
+
+
+def test_comparisons_first_lets_an_adapter_write_its_thought_first_under_json_mode(taught_dir):
+    """`comparisons_first`: the json_mode grammar admits either key order, so the taught student writes
+    its thought first as it learned to, and p(escalate) is read at the action name after it (one
+    thought decides: near 0 or 1). Without it the grammar holds the same student to the action first."""
+    def greedy(**kwargs) -> HFStudent:
+        return HFStudent(taught_dir, adapter=taught_dir / "adapter", max_new_tokens=80, json_mode=True, **kwargs)
+
+    prompt = in_order(PROMPT, THOUGHT_FIRST)  # as it was taught (comparisons_first keeps the contract's own example)
+    [held] = greedy().generate_with_info([prompt])
+    [free] = greedy(comparisons_first=True).generate_with_info([prompt])
+    assert held.text.startswith('{"action":"') and parse_action(held.text).error is None
+    assert free.text in (LATE, IN_TIME)
+    assert free.p_escalate > 0.95 if free.text == LATE else free.p_escalate < 0.05
