@@ -20,7 +20,6 @@ from environments.pack import Pack, Ticket
 from loop.calibration import fit_operating_point, plot_calibration, save_operating_point
 from loop.correct import Corrected, score_correct
 from loop.dataset import build_dataset, thoughts_first, with_replay
-from policies.protocol import comparisons_first
 from loop.evaluate import evaluate, run_episodes, training_pool
 from loop.gate import gate
 from loop.metrics import TicketOutcome, report
@@ -29,7 +28,7 @@ from loop.records import episode_rows, outcomes_of, record_eval, register_packs
 from loop.selection import Pick, select_tickets
 from loop.train import LoraSettings, TrainResult, same_shape
 from policies.policy import StudentPolicy, TeacherPolicy
-from policies.protocol import render_messages
+from policies.protocol import comparisons_first, render_messages
 from policies.student import Student, operating_point
 from policies.teacher import Teacher, Usage
 from store import AdapterRow, CorrectionRow, ExampleRow, Store
