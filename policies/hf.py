@@ -37,6 +37,9 @@ its rationale compares two numbers ("11 is within 12"), and action first everywh
 (`protocol.comparisons_first`), reads its earlier steps so, and under json_mode decodes under a
 grammar that admits either key order. Its first token chooses the order; on a step it thinks first,
 the gate reads p(escalate) at the action name after the greedy thought, so τ applies there too.
+Scoring alone (`escalation_probabilities`: fitting τ, choosing tickets) runs in two passes, so that
+one row writing a thought does not hold its whole batch: `DECISION_TOKENS` for every row, then only
+the rows that began a thought, together (bench/scoring.py measures it).
 
 **json_mode** decodes every step under the protocol's JSON schema (`step_schema`, compiled once by
 xgrammar): at each token only those that keep the text a prefix of a valid step are allowed, so the
@@ -74,6 +77,7 @@ from policies.student import Generation, Message, operating_point
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MIN_CACHED_PREFIX = 32  # shorter shared prefixes are not worth an extra forward pass
+DECISION_TOKENS = 8  # `{"action":"` is 3 tokens: a step written action first has its p(escalate) within these
 
 
 class Decoded(NamedTuple):
@@ -209,6 +213,8 @@ class HFStudent:
             return self._sampled([self._render(in_order(m, THOUGHT_FIRST)) for m in prompts], stop_at_action)
         if self.comparisons_first and self.adapter_id is not None:  # its earlier steps as it was trained to read them
             prompts = [comparisons_first(m) for m in prompts]
+            if stop_at_action and self.json_mode:
+                return self._decided_then_thought([self._render(m) for m in prompts])
         return [g for g, _ in self._batched([self._render(m) for m in prompts], stop_at_action=stop_at_action)]
 
     @property
@@ -239,7 +245,7 @@ class HFStudent:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
 
     def _batched(self, prompt_ids: list[list[int]], *, stop_at_action: bool = False, temperature: float | None = None,
-                 decisions: list[Continue] | None = None) -> list[tuple[Generation, Decoded]]:
+                 decisions: list[Continue] | None = None, budget: int | None = None) -> list[tuple[Generation, Decoded]]:
         """`_generate` over every prompt in chunks of `batch_size`, each with what it decoded."""
         # Sorting the token lists puts prompts with the same system message (the same company) in
         # the same chunks, so each chunk computes that long shared prefix once (see _generate).
@@ -248,10 +254,23 @@ class HFStudent:
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
             out = self._generate([prompt_ids[i] for i in chunk], stop_at_action, self.temperature if temperature is None else temperature,
-                                 [decisions[i] for i in chunk] if decisions else None)
+                                 [decisions[i] for i in chunk] if decisions else None, budget)
             for i, result in zip(chunk, out):
                 results[i] = result
         return results
+
+    def _decided_then_thought(self, prompt_ids: list[list[int]]) -> list[Generation]:
+        """p(escalate) of every prompt under comparisons first, in two passes. A batch stops only when
+        its every row has reached its action name, so one row that thinks first would hold its whole
+        batch for a thought's length. So every row first decodes `DECISION_TOKENS` (rows that write
+        the action first decide there); only those that began a thought go on, batched together,
+        with the whole budget. Each row decodes as it would in one pass."""
+        first = self._batched(prompt_ids, stop_at_action=True, budget=DECISION_TOKENS)
+        thinking = [i for i, (g, _) in enumerate(first) if g.p_escalate is None]
+        if thinking:
+            for i, result in zip(thinking, self._batched([prompt_ids[i] for i in thinking], stop_at_action=True)):
+                first[i] = result
+        return [g for g, _ in first]
 
     def _sampled(self, prompt_ids: list[list[int]], stop_at_action: bool) -> list[Generation]:
         """Sampled thoughts: k thoughts per prompt, sampled up to the action name; p(escalate) is the mean
@@ -283,9 +302,10 @@ class HFStudent:
 
     @torch.inference_mode()
     def _generate(self, prompt_ids: list[list[int]], stop_at_action: bool = False, temperature: float = 0.0,
-                  decisions: list[Continue] | None = None) -> list[tuple[Generation, Decoded]]:
+                  decisions: list[Continue] | None = None, budget: int | None = None) -> list[tuple[Generation, Decoded]]:
         """One left-padded batch, each row's completion with what it decoded. With `decisions`, every
-        row continues a sampled thought from the first token of its action name (`_sampled`)."""
+        row continues a sampled thought from the first token of its action name (`_sampled`). `budget`:
+        new tokens to stop after, if fewer than `max_new_tokens` (the grammar still closes steps by that)."""
         # os.path.commonprefix compares lists element-wise. Leave every row at least one token to
         # feed `generate`, which needs a new input token to produce the first logits.
         prefix_len = min(len(os.path.commonprefix(prompt_ids)), min(map(len, prompt_ids)) - 1)
@@ -323,7 +343,7 @@ class HFStudent:
             stops.append(_StopAfterDecision(gate))
         out_B_T = self.model.generate(
             **batch,
-            max_new_tokens=self.max_new_tokens,
+            max_new_tokens=min(budget or self.max_new_tokens, self.max_new_tokens),
             pad_token_id=self.tokenizer.pad_token_id,
             logits_processor=processors,
             stopping_criteria=stops,

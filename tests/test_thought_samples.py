@@ -15,7 +15,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from environments.actions import ACTIONS
-from policies.hf import ESCALATE, Continue, EscalationGate, HFStudent, action_first_token_ids, action_token_ids
+from policies.hf import DECISION_TOKENS, ESCALATE, Continue, EscalationGate, HFStudent, action_first_token_ids, action_token_ids
 from policies.protocol import ACTION_CONTRACT, ACTION_FIRST, THOUGHT_FIRST, in_order, parse_action, step_example
 
 PROMPT = [{"role": "system", "content": f"You are the support agent of Acme.\n\n{ACTION_CONTRACT}"},
@@ -25,15 +25,17 @@ LATE = ('{"thought":"Late: bought 45 days ago, refunds within 35: escalate.","ac
 IN_TIME = '{"thought":"In time: bought 10 days ago, refunds within 35.","action":"reply","args":{},"message":"Your refund is on its way."}'
 
 
-@pytest.fixture(scope="module")
-def taught_dir(tmp_path_factory, tiny_model_dir, smollm2_tokenizer):
-    """The tiny model trained (every weight, full batch) on both answers to PROMPT as a thought-first student reads it."""
-    tok = smollm2_tokenizer
-    prompt = tok.apply_chat_template(in_order(PROMPT, THOUGHT_FIRST), add_generation_prompt=True, return_dict=False)
-    rows = [prompt + tok.encode(answer + "<|im_end|>", add_special_tokens=False) for answer in (LATE, IN_TIME)]
+def teach(path, tiny_model_dir, tok, examples: list[tuple[list, str]]):
+    """The tiny model trained (every weight, full batch) on (prompt, answer) pairs, saved at `path` with a
+    no-op adapter (LoRA's B = 0); the final loss."""
+    rows, prompt_lens = [], []
+    for prompt, answer in examples:
+        ids = tok.apply_chat_template(prompt, add_generation_prompt=True, return_dict=False)
+        rows.append(ids + tok.encode(answer + "<|im_end|>", add_special_tokens=False))
+        prompt_lens.append(len(ids))
     width = max(map(len, rows))
     ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
-    labels = torch.tensor([[-100] * len(prompt) + r[len(prompt):] + [-100] * (width - len(r)) for r in rows])
+    labels = torch.tensor([[-100] * n + r[n:] + [-100] * (width - len(r)) for r, n in zip(rows, prompt_lens)])
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -42,11 +44,19 @@ def taught_dir(tmp_path_factory, tiny_model_dir, smollm2_tokenizer):
         loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
         optimizer.step()
-    assert loss.item() < 0.05  # what is left is the coin flip between the two thoughts (ln 2 over ~50 tokens)
-    path = tmp_path_factory.mktemp("taught")
     model.save_pretrained(path)
     tok.save_pretrained(path)
     get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(path / "adapter")
+    return loss.item()
+
+
+@pytest.fixture(scope="module")
+def taught_dir(tmp_path_factory, tiny_model_dir, smollm2_tokenizer):
+    """The tiny model taught both answers to PROMPT as a thought-first student reads it."""
+    path = tmp_path_factory.mktemp("taught")
+    prompt = in_order(PROMPT, THOUGHT_FIRST)
+    loss = teach(path, tiny_model_dir, smollm2_tokenizer, [(prompt, LATE), (prompt, IN_TIME)])
+    assert loss < 0.05  # what is left is the coin flip between the two thoughts (ln 2 over ~50 tokens)
     return path
 
 
@@ -120,3 +130,24 @@ def test_comparisons_first_lets_an_adapter_write_its_thought_first_under_json_mo
     assert held.text.startswith('{"action":"') and parse_action(held.text).error is None
     assert free.text in (LATE, IN_TIME)
     assert free.p_escalate > 0.95 if free.text == LATE else free.p_escalate < 0.05
+
+
+def test_comparisons_first_scores_in_two_passes_as_in_one(tmp_path, tiny_model_dir, smollm2_tokenizer, monkeypatch):
+    """p(escalate) under comparisons first: every row decodes `DECISION_TOKENS` first (a step written
+    action first decides there), and only the rows that began a thought go on, batched together;
+    each row's p is what one pass gives it. The tiny model is taught to think first on PROMPT and to
+    answer another ticket action first."""
+    thinks = in_order(PROMPT, THOUGHT_FIRST)
+    decides = [thinks[0], {"role": "user", "content": "Customer: where is my parcel?"}]
+    answer = '{"action":"search_kb","args":{"query":"parcel"},"thought":"Look it up.","message":""}'
+    assert teach(tmp_path, tiny_model_dir, smollm2_tokenizer, [(thinks, LATE), (decides, answer)]) < 0.05
+    s = HFStudent(tmp_path, adapter=tmp_path / "adapter", max_new_tokens=80, json_mode=True, comparisons_first=True, batch_size=4)
+    prompts = [decides, thinks, decides, decides, thinks]
+    one_pass = [g.p_escalate for g, _ in s._batched([s._render(m) for m in prompts], stop_at_action=True)]
+    calls = []
+    generate = s._generate
+    monkeypatch.setattr(s, "_generate", lambda ids, *args: calls.append((len(ids), args[-1])) or generate(ids, *args))
+    assert s.escalation_probabilities(prompts) == pytest.approx(one_pass, abs=1e-5)
+    assert one_pass[1] > 0.95 and one_pass[0] < 0.05
+    # Batches of 4 with DECISION_TOKENS each, then the two thinking rows together with the whole budget.
+    assert calls == [(4, DECISION_TOKENS), (1, DECISION_TOKENS), (2, None)]
