@@ -7,9 +7,12 @@ and applied wherever the student acts (policies/hf.py), plus the plot a person c
     plot_calibration(outcomes, point.tau, "calibration.png")   # reliability diagram + ROC, τ marked
 
 The states are those the oracle passes through on each validation ticket (the states a correct
-agent reaches). A ticket escalates at τ when p(escalate) ≥ τ at any of its states up to the first
-where escalating is right, so τ maximizes the same J the gate measures, recall − over-escalation,
-or gives the highest recall whose over-escalation stays within `max_over_escalation`.
+agent reaches; `states="oracle"`), or those the student reaches itself, playing the ticket with
+escalation barred (`states="student"`: until its p(escalate) reaches τ it goes where the student at
+τ goes, so its own earlier steps, right or wrong, are what it reads). A ticket escalates at τ when
+p(escalate) ≥ τ at any of its states up to the first where escalating is right, so τ maximizes the
+same J the gate measures, recall − over-escalation, or gives the highest recall whose
+over-escalation stays within `max_over_escalation`.
 """
 
 from __future__ import annotations
@@ -17,24 +20,29 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Literal, Protocol, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
 from environments.episode import SupportEpisode
 from environments.pack import Pack, Ticket
-from loop.evaluate import validation_tickets
+from loop.evaluate import apply_output, validation_tickets
 from loop.metrics import TicketOutcome
+from policies.policy import Output
 from policies.protocol import render_messages
-from policies.student import OPERATING_POINT_FILE, Message
+from policies.student import OPERATING_POINT_FILE, Generation, Message
 
 
 class ScoringStudent(Protocol):
     def escalation_probabilities(self, prompts: list[list[Message]]) -> list[float | None]: ...
 
+    def without_escalating(self, prompts: list[list[Message]]) -> list[Generation]: ...  # for STUDENT_STATES
+
 
 SCORE_CHUNK = 32  # prompts per call: the progress bar moves, batches stay full
+States = Literal["oracle", "student"]  # whose path through a validation ticket τ is fitted on
+ORACLE_STATES, STUDENT_STATES = "oracle", "student"
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,7 @@ class OperatingPoint:
     j: float
     n_tickets: int
     max_over_escalation: float | None  # the limit it was fitted under; None = maximize J
+    states: States = ORACLE_STATES  # whose path through the tickets it was fitted on
 
 
 def ticket_scores(student: ScoringStudent, work: Sequence[tuple[Pack, Ticket]], *, progress: bool = False) -> list[tuple[float, bool]]:
@@ -62,6 +71,30 @@ def ticket_scores(student: ScoringStudent, work: Sequence[tuple[Pack, Ticket]], 
     scores = [0.0] * len(work)
     for i, p in zip(owner, p_escalate(student, prompts, progress=progress, desc="p(escalate) on validation states")):
         scores[i] = max(scores[i], p)
+    return [(score, ticket.should_escalate) for score, (_, ticket) in zip(scores, work)]
+
+
+def own_path_scores(student: ScoringStudent, work: Sequence[tuple[Pack, Ticket]], *, progress: bool = False) -> list[tuple[float, bool]]:
+    """(score, should escalate) per ticket on the student's own path: it plays each ticket with
+    `escalate` barred, its p(escalate) read at every state, so until its p reaches a τ it goes exactly
+    where the student at τ goes. The score is the highest p up to the first state where escalating is
+    right (every state it reaches on a ticket that never escalates)."""
+    episodes = [SupportEpisode(pack, ticket) for pack, ticket in work]
+    scores = [0.0] * len(work)
+    live = list(range(len(work)))
+    with tqdm(total=len(work), desc="p(escalate) on the student's own path", unit="ticket", disable=not progress, leave=False) as bar:
+        while live:
+            going = []
+            for start in range(0, len(live), SCORE_CHUNK):
+                chunk = live[start : start + SCORE_CHUNK]
+                steps = student.without_escalating([render_messages(episodes[i].pack.company, episodes[i].transcript) for i in chunk])
+                for i, step in zip(chunk, steps):
+                    scores[i] = max(scores[i], step.p_escalate or 0.0)
+                    if not episodes[i].escalation_acceptable():  # else decided: escalating here is right
+                        apply_output(episodes[i], Output(step.text, step.p_escalate))
+                        going += [i] if not episodes[i].done else []
+            bar.update(len(live) - len(going))
+            live = going
     return [(score, ticket.should_escalate) for score, (_, ticket) in zip(scores, work)]
 
 
@@ -100,14 +133,15 @@ def fit_threshold(scored: Sequence[tuple[float, bool]], *, max_over_escalation: 
 
 
 def fit_operating_point(student: ScoringStudent, packs: Sequence[Pack], *, max_over_escalation: float | None = None,
-                        per_company: int | None = None, progress: bool = False) -> OperatingPoint:
-    """τ for the student's live adapter, on the validation tickets of `packs` (training companies only)."""
+                        per_company: int | None = None, states: States = ORACLE_STATES, progress: bool = False) -> OperatingPoint:
+    """τ for the student's live adapter, on the validation tickets of `packs` (training companies
+    only), scored on the oracle's states (`ticket_scores`) or on the student's own (`own_path_scores`)."""
     work = [(p, t) for p in packs for t in validation_tickets(p, per_company)]  # a held-out pack raises: it is never used
-    scored = ticket_scores(student, work, progress=progress)
+    scored = (own_path_scores if states == STUDENT_STATES else ticket_scores)(student, work, progress=progress)
     tau, recall, over = fit_threshold(scored, max_over_escalation=max_over_escalation)
     # τ exactly as fitted: it lies between two observed scores that may differ in the 6th decimal, so
     # rounding it could move it past one of them (a τ rounded to 0 escalates everything).
-    return OperatingPoint(tau, recall, over, recall - over, len(scored), max_over_escalation)
+    return OperatingPoint(tau, recall, over, recall - over, len(scored), max_over_escalation, states)
 
 
 def save_operating_point(point: OperatingPoint, adapter_dir: str | Path) -> Path:

@@ -82,6 +82,9 @@ class RolloutWorker:
     def escalation_probabilities(self, prompts: list[list[Message]]) -> list[float | None]:
         return self.student.escalation_probabilities(prompts)
 
+    def without_escalating(self, prompts: list[list[Message]]) -> list[Generation]:
+        return self.student.without_escalating(prompts)
+
     def load_adapter(self, path: str | None) -> list[float]:
         self.student.load_adapter(path)
         return self.student.probe_logprobs(list(PROBE_TEXTS))
@@ -116,19 +119,23 @@ class RayStudentPool:
 
     def generate_with_info(self, prompts: list[list[Message]]) -> list[Generation]:
         """Each completion with the adapter that wrote it and its token counts (split across the actors)."""
-        if not prompts:
-            return []
-        size = -(-len(prompts) // len(self._workers))
-        futures = [w.generate_with_info.remote(prompts[i : i + size]) for w, i in zip(self._workers, range(0, len(prompts), size))]
-        return [g for chunk in self._get(futures) for g in chunk]
+        return self._split("generate_with_info", prompts)
 
     def escalation_probabilities(self, prompts: list[list[Message]]) -> list[float | None]:
         """p(escalate) at each prompt's state, without τ (split across the actors)."""
+        return self._split("escalation_probabilities", prompts)
+
+    def without_escalating(self, prompts: list[list[Message]]) -> list[Generation]:
+        """Each step with `escalate` barred, p(escalate) still read (split across the actors)."""
+        return self._split("without_escalating", prompts)
+
+    def _split(self, method: str, prompts: list[list[Message]]) -> list:
+        """One actor method over the prompts, split across the actors, answers in order."""
         if not prompts:
             return []
         size = -(-len(prompts) // len(self._workers))
-        futures = [w.escalation_probabilities.remote(prompts[i : i + size]) for w, i in zip(self._workers, range(0, len(prompts), size))]
-        return [p for chunk in self._get(futures) for p in chunk]
+        futures = [getattr(w, method).remote(prompts[i : i + size]) for w, i in zip(self._workers, range(0, len(prompts), size))]
+        return [answer for chunk in self._get(futures) for answer in chunk]
 
     def load_adapter(self, path: str | Path | None) -> None:
         """Swap every actor to the adapter at `path` (None: the base) and its operating point τ, and

@@ -53,6 +53,7 @@ def round_settings(cfg: Config) -> RoundSettings:
         continue_training=cfg.continue_training, replay=cfg.replay,
         selection=cfg.selection, selection_pool=cfg.selection_pool,
         calibration_tickets=max(1, cfg.calibration_tickets // (1 + redraws(cfg))), max_over_escalation=cfg.max_over_escalation,
+        calibration_states=cfg.calibration_states,
         validation_companies=cfg.validation_companies, thought_first=cfg.thought_samples > 0,
         thought_first_share=cfg.thought_first_share, comparisons_first=cfg.comparisons_first, seed=cfg.seed,
     )

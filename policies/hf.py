@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -216,6 +217,16 @@ class HFStudent:
             if stop_at_action and self.json_mode:
                 return self._decided_then_thought([self._render(m) for m in prompts])
         return [g for g, _ in self._batched([self._render(m) for m in prompts], stop_at_action=stop_at_action)]
+
+    def without_escalating(self, prompts: list[list[Message]]) -> list[Generation]:
+        """Each prompt's step with `escalate` barred (the gate spells one of the other names) and
+        p(escalate) still read: the path a student at any τ follows until its p reaches τ
+        (loop/calibration.py fits τ on it)."""
+        threshold, self.threshold = self.threshold, math.inf
+        try:
+            return self.generate_with_info(prompts)
+        finally:
+            self.threshold = threshold
 
     @property
     def name(self) -> str:

@@ -6,10 +6,12 @@ import torch
 
 from environments.actions import ACTIONS
 from environments.builtin import build_packs
-from loop.calibration import fit_operating_point, fit_threshold, plot_calibration
+from environments.episode import SupportEpisode
+from loop.calibration import fit_operating_point, fit_threshold, own_path_scores, plot_calibration, ticket_scores
 from loop.evaluate import validation_tickets
 from loop.metrics import TicketOutcome, report
 from policies.hf import ESCALATE, EscalationGate, action_first_token_ids
+from policies.student import Generation
 
 PACKS = build_packs(0)
 TRAIN = [p for p in PACKS if p.company.split == "train"][:2]
@@ -148,6 +150,46 @@ def test_tau_is_fitted_on_validation_tickets_and_refuses_held_out_companies():
         fit_operating_point(scorer, HELDOUT, per_company=5)
     with pytest.raises(ValueError, match="held out"):
         fit_operating_point(scorer, TRAIN + HELDOUT, per_company=2)
+
+
+class Guesser:
+    """A student that opens every ticket with a search whose thought guesses "escalate", and after it
+    escalates at p 0.9 when it reads its own guess (0.1 otherwise, the oracle's steps); escalation
+    barred, it replies instead."""
+
+    SEARCH = '{"action":"search_kb","args":{"query":"help"},"thought":"Guess: escalate.","message":""}'
+    REPLY = '{"action":"reply","args":{},"thought":"","message":"Here is what applies."}'
+
+    def __init__(self):
+        self.calls = 0
+
+    def p(self, messages) -> float:
+        return 0.9 if any(m["role"] == "assistant" and "Guess" in m["content"] for m in messages) else 0.1
+
+    def escalation_probabilities(self, prompts):
+        return [self.p(m) for m in prompts]
+
+    def without_escalating(self, prompts):
+        self.calls += len(prompts)
+        return [Generation(self.REPLY if any(m["role"] == "assistant" for m in messages) else self.SEARCH, "a", 1, 1, self.p(messages))
+                for messages in prompts]
+
+
+def test_tau_on_the_students_own_path_sees_what_its_own_steps_lead_to():
+    """On the oracle's states the guesser never reads its guess (p 0.1 everywhere); on its own path it
+    reads it after its search and scores 0.9 on every ticket where escalating was not already right at
+    the opening, which ends there (one state scored)."""
+    work = [(p, t) for p in TRAIN for t in validation_tickets(p, 10)]
+    guesser = Guesser()
+    assert {score for score, _ in ticket_scores(guesser, work)} == {0.1}
+    own = own_path_scores(guesser, work)
+    at_opening = [SupportEpisode(p, t).escalation_acceptable() for p, t in work]
+    assert [score for score, _ in own] == [0.1 if right else 0.9 for right in at_opening]
+    assert [e for _, e in own] == [t.should_escalate for _, t in work]
+    assert guesser.calls == 2 * len(work) - sum(at_opening)  # the opening, then one reply that ends the ticket
+    assert any(at_opening) and not all(at_opening)
+    point = fit_operating_point(Guesser(), TRAIN, per_company=10, states="student")
+    assert point.states == "student" and point.tau > 0.9 and point.over_escalation == 0  # only τ above its guesses keeps it from escalating
 
 
 def test_the_plot_is_a_png_of_the_expected_size(tmp_path):

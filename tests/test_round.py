@@ -218,7 +218,8 @@ def test_a_comparisons_first_round_trains_the_comparing_steps_thought_first(tiny
     rt = Runtime(store=store, packs=build_packs(0), student=HFStudent(tiny_model_dir, max_new_tokens=16, batch_size=4, json_mode=True,
                                                                       comparisons_first=True),
                  teacher=OracleTeacher(), train=train, model_dir=tiny_model_dir, base_model="tiny", adapters_dir=tmp_path / "adapters",
-                 settings=RoundSettings(eval_tickets=1, max_steps=4, calibration_tickets=1, validation_companies=0, comparisons_first=True),
+                 settings=RoundSettings(eval_tickets=1, max_steps=4, calibration_tickets=1, validation_companies=0, comparisons_first=True,
+                                        calibration_states="student"),
                  lora=LoraSettings(r=4, alpha=8, epochs=1, batch_size=4), progress=False)
     register_packs(store, rt.packs)
     ensure_base_evaluated(rt)
@@ -234,3 +235,4 @@ def test_a_comparisons_first_round_trains_the_comparing_steps_thought_first(tiny
     stored = [m["content"] for e in store.examples() for m in e.messages if m["role"] == "assistant"]
     assert all(s.startswith('{"action":') for s in stored)
     assert store.adapter("v0001").status in ("rejected_by_gate", "awaiting_approval")  # calibrated and evaluated by that student
+    assert store.adapter("v0001").train_metrics["operating_point"]["states"] == "student"  # τ on its own path

@@ -130,6 +130,10 @@ def test_comparisons_first_lets_an_adapter_write_its_thought_first_under_json_mo
     assert held.text.startswith('{"action":"') and parse_action(held.text).error is None
     assert free.text in (LATE, IN_TIME)
     assert free.p_escalate > 0.95 if free.text == LATE else free.p_escalate < 0.05
+    # Escalation barred (τ fitted on the student's own path): the same thought and p, another action.
+    [barred] = greedy(comparisons_first=True).without_escalating([prompt])
+    assert barred.p_escalate == pytest.approx(free.p_escalate) and parse_action(barred.text).action.action != "escalate"
+    assert barred.text.startswith(free.text[: free.text.index('"action":"')])
 
 
 def test_comparisons_first_scores_in_two_passes_as_in_one(tmp_path, tiny_model_dir, smollm2_tokenizer, monkeypatch):
