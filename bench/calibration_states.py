@@ -84,7 +84,7 @@ def main() -> None:
         "",
         f"`bench/calibration_states.py --run {args.run} --versions {args.versions}`: real SmolLM2-135M with each adapter "
         f"(json_mode {cfg.json_mode}, comparisons first {cfg.comparisons_first}); the {len(work)} validation tickets its run fitted "
-        f"τ on ({', '.join(p.company.name for p in rt.validation_packs)}; {sum(t.should_escalate for _, t in work)} should escalate), "
+        f"τ on ({', '.join(sorted({p.company.name for p in rt.validation_packs}))}, every policy draw; {sum(t.should_escalate for _, t in work)} should escalate), "
         f"each scored on the oracle's states and on the student's own path (escalation barred). Cross-fitted: τ fitted on one half "
         f"of the tickets (even or odd positions; over-escalation within {limit}), every ticket of the other half judged on its own "
         f"path. {torch.get_num_threads()} threads, one process, nothing else running.",

@@ -57,7 +57,7 @@ class Config:
     eval_tickets: int = _f(30, "Held-out tickets per company in the fixed evaluation set.")
     calibration_tickets: int = _f(10, "Validation tickets per training company (never trained on) that each adapter's operating point τ is fitted on, spread over the company's policy draws; as many in all when they come from the companies left out.")
     validation_companies: int = _f(2, "Training companies left out of training, whole, for fitting τ on new companies (0, or fewer than 3x as many training companies: every company's validation split).")
-    calibration_states: Literal["oracle", "student"] = _f("oracle", "Whose path through each validation ticket τ is fitted on: the oracle's states, or the student's own (it plays the ticket with escalation barred, p(escalate) read at every step; as slow as an evaluation).")
+    calibration_states: Literal["oracle", "student"] = _f("oracle", "Whose path through each validation ticket τ is fitted on: the oracle's states, or the student's own (it plays the ticket with escalation barred, p(escalate) read at every step; about 1.4 times as slow).")
     max_over_escalation: float = _f(0.02, "Above 0: τ gives the best validation recall whose over-escalation stays within it (0.02: what the gate lets a candidate add to the base's); 0: τ maximizes J = recall - over-escalation.")
     # training
     lora_r: int = _f(16, "LoRA rank.")
