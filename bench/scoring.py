@@ -10,8 +10,8 @@ for all of its rows. `HFStudent` therefore scores in two passes (policies/hf.py
 batched together. This scores the oracle's states on the validation tickets of every built-in
 training company (what loop/calibration.py fits τ on; `--per-company` each) with the real
 SmolLM2-135M and the given adapter, both ways one after the other in one process, and prints a table
-(seconds, states, rows that thought first, the largest difference in p(escalate) and in a ticket's
-score, τ fitted from each) to bench/reports/<name>.md.
+(seconds, the ratio, τ fitted from each and J there; then the largest difference in p(escalate) and
+in a ticket's score) to bench/reports/<name>.md.
 """
 
 from __future__ import annotations

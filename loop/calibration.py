@@ -90,9 +90,11 @@ def own_path_scores(student: ScoringStudent, work: Sequence[tuple[Pack, Ticket]]
                 steps = student.without_escalating([render_messages(episodes[i].pack.company, episodes[i].transcript) for i in chunk])
                 for i, step in zip(chunk, steps):
                     scores[i] = max(scores[i], step.p_escalate or 0.0)
-                    if not episodes[i].escalation_acceptable():  # else decided: escalating here is right
-                        apply_output(episodes[i], Output(step.text, step.p_escalate))
-                        going += [i] if not episodes[i].done else []
+                    if episodes[i].escalation_acceptable():
+                        continue  # decided: escalating here is right
+                    apply_output(episodes[i], Output(step.text, step.p_escalate))
+                    if not episodes[i].done:
+                        going.append(i)
             bar.update(len(live) - len(going))
             live = going
     return [(score, ticket.should_escalate) for score, (_, ticket) in zip(scores, work)]
