@@ -17,7 +17,7 @@ from typing import Callable
 
 from environments.episode import SupportEpisode
 from environments.pack import Pack, Ticket
-from loop.calibration import ORACLE_STATES, States, fit_operating_point, plot_calibration, save_operating_point
+from loop.calibration import STUDENT_STATES, States, fit_operating_point, plot_calibration, save_operating_point
 from loop.correct import Corrected, score_correct
 from loop.dataset import build_dataset, thoughts_first, with_replay
 from loop.evaluate import evaluate, run_episodes, training_pool
@@ -58,7 +58,7 @@ class RoundSettings:
     calibration_tickets: int = 10  # validation tickets per training company that τ is fitted on (per policy draw)
     validation_companies: int = 2  # whole training companies left out of training, τ fitted on them (0: every company's validation split)
     max_over_escalation: float = 0.0  # > 0: τ gives the best recall within this over-escalation; 0: τ maximizes J
-    calibration_states: States = ORACLE_STATES  # τ fitted on the oracle's path through validation tickets, or the student's own
+    calibration_states: States = STUDENT_STATES  # τ fitted on the student's own path through validation tickets, or the oracle's
     thought_first: bool = False  # the student writes its thought first (`thought_samples`): it trains on THOUGHT_FIRST steps
     thought_first_share: float = 0.0  # else this share of the training conversations is written thought first (loop/dataset.thoughts_first)
     comparisons_first: bool = False  # steps whose thought compares two numbers train thought first (protocol.comparisons_first)

@@ -2,6 +2,7 @@
 SIGKILL in the middle of training without losing rows, refuses a second instance, switches its
 rollout workers to an approved version, and stops on SIGTERM with exit code 0."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -194,6 +195,35 @@ def test_a_rollout_actor_that_dies_is_replaced_on_the_base_model(tiny_model_dir)
         with pytest.raises(ray.exceptions.RayActorError):
             pool.act([prompt])
         assert pool.adapter_id is None and pool.act([prompt]) == first  # a fresh actor, on the base model
+    finally:
+        ray.shutdown()
+
+
+def test_rollout_actors_share_the_machines_cores():
+    from loop.workers import _threads
+
+    cores = os.cpu_count() or 1
+    assert _threads(0, 1) == cores and _threads(0, 2) == max(1, cores // 2) and _threads(0, 4 * cores) == 1
+    assert _threads(3, 2) == 3  # set in the config: per actor, as written
+
+
+@pytest.mark.slow
+def test_two_rollout_actors_answer_in_order_like_one(tiny_model_dir):
+    """A pool splits each call across its actors and puts the answers back in the prompts' order."""
+    from loop.workers import RayStudentPool, StudentOptions, start_ray
+
+    import ray
+    from policies.protocol import render_messages
+    from environments.episode import Entry
+    from environments.pack import load_pack
+
+    company = load_pack(ROOT / "tests" / "data" / "acme").company
+    prompts = [render_messages(company, [Entry("customer", text)]) for text in ("hi", "refund please", "where is my order", "bye", "help")]
+    start_ray()
+    try:
+        one = RayStudentPool(tiny_model_dir, StudentOptions(max_new_tokens=6), n=1, threads=1)
+        two = RayStudentPool(tiny_model_dir, StudentOptions(max_new_tokens=6), n=2)
+        assert len(two._workers) == 2 and two.act(prompts) == one.act(prompts)
     finally:
         ray.shutdown()
 
