@@ -57,7 +57,7 @@ class Config:
     eval_tickets: int = _f(30, "Held-out tickets per company in the fixed evaluation set.")
     calibration_tickets: int = _f(10, "Validation tickets per training company (never trained on) that each adapter's operating point τ is fitted on, spread over the company's policy draws; as many in all when they come from the companies left out.")
     validation_companies: int = _f(2, "Training companies left out of training, whole, for fitting τ on new companies (0, or fewer than 3x as many training companies: every company's validation split).")
-    calibration_states: Literal["oracle", "student"] = _f("student", "Whose path through each validation ticket τ is fitted on: the student's own (it plays the ticket with escalation barred, p(escalate) read at every step), as the gate judges it, or the oracle's states (about 0.7 times the time). Cross-fitted on validation, the oracle's states let round 2 escalate 0.078 of self-serve tickets on its own path, its own path 0.016 (README, Where τ is fitted).")
+    calibration_states: Literal["oracle", "student"] = _f("student", "Whose path through each validation ticket τ is fitted on: the student's own (it plays the ticket with escalation barred, p(escalate) read at every step), where it acts and the gate judges it, or the oracle's states (about 0.7 times the time). Cross-fitted on validation, a τ fitted on the oracle's states let the main command's round 2 escalate 7.8% of self-serve tickets on its own path, one fitted on its own path 1.6% (README, τ on the student's own path).")
     max_over_escalation: float = _f(0.02, "Above 0: τ gives the best validation recall whose over-escalation stays within it (0.02: what the gate lets a candidate add to the base's); 0: τ maximizes J = recall - over-escalation.")
     # training
     lora_r: int = _f(16, "LoRA rank.")
@@ -92,7 +92,7 @@ class Config:
     operators_file: str = _f("operators.toml", "Who may log in to `apprentice console`: names, roles and token hashes (`apprentice console add-operator`).")
     # the cluster
     ray_address: str = _f("", "Ray cluster to join; empty = start a local Ray instance.")
-    rollout_workers: int = _f(2, "Rollout actors: each holds one copy of the student and takes its share of every batch of steps. On this 2-core machine 2 actors of one thread each scored validation states and played episodes 1.13-1.26x as fast as 1 actor of two threads, the same outputs (bench/workers.py).")
+    rollout_workers: int = _f(2, "Rollout actors: each holds one copy of the student and takes its share of every batch of steps. On this 2-core machine 2 actors of one thread each scored validation states and played episodes 1.13-1.31x as fast as 1 actor of two threads, the same outputs (bench/workers.py).")
     threads: int = _f(0, "Torch threads per rollout worker and for training; 0 = the machine's cores shared among the rollout workers (at least one each), all of them for training.")
     seed: int = _f(0, "Seed for sampling tickets, keeping clean trajectories and training.")
 
