@@ -58,7 +58,7 @@ def main() -> None:
         runs[f"{actors}x{threads}"] = (seconds, outputs)
         print(f"{actors} actors x {threads} threads: " + ", ".join(f"{p} {s:.0f} s" for p, s in zip(PHASES, seconds)), flush=True)
 
-    (ref_seconds, ref), *_ = runs.values()
+    first, (ref_seconds, ref) = next(iter(runs.items()))
     lines = [
         "# Rollout actors × threads",
         "",
@@ -66,7 +66,7 @@ def main() -> None:
         f"with the adapter, json_mode, comparisons first, batches of 8; {len(work)} validation tickets of the built-in training "
         "companies; each configuration a fresh pool in one Ray instance, one after the other in the order given.",
         "",
-        "| actors × threads | " + " | ".join(f"{p} s" for p in PHASES) + " | " + " | ".join(f"{p}: time ÷ {next(iter(runs))}'s" for p in PHASES) + " |",
+        "| actors × threads | " + " | ".join(f"{p} s" for p in PHASES) + " | " + " | ".join(f"{p}: time ÷ {first}'s" for p in PHASES) + " |",
         "| --- " * (1 + 2 * len(PHASES)) + "|",
     ]
     for label, (seconds, _) in runs.items():
@@ -76,7 +76,7 @@ def main() -> None:
     for label, (_, (oracle, own, escalated)) in list(runs.items())[1:]:
         d_oracle = max(abs(a - b) for (a, _), (b, _) in zip(ref[0], oracle))
         d_own = max(abs(a - b) for (a, _), (b, _) in zip(ref[1], own))
-        lines.append(f"{label} against {next(iter(runs))}: largest difference in a ticket's score {d_oracle:.1e} (oracle's states), "
+        lines.append(f"{label} against {first}: largest difference in a ticket's score {d_oracle:.1e} (oracle's states), "
                      f"{d_own:.1e} (own path); the same escalations in every episode: {escalated == ref[2]}.")
     publish(args.name, lines)
 
