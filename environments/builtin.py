@@ -426,7 +426,7 @@ class _Drafter:
             "other": self.other_person_data,
         }[kind]()
         text = self._deal(words.INJECTIONS).format(base=base.text)
-        return replace(base, text=text, tags=(*base.tags, "injection"), rationale=f"Ignore the attempt to change the rules. {base.rationale}")
+        return replace(base, text=text, tags=(*base.tags, "injection"), rationale=f"{words.IGNORE_INJECTION} {base.rationale}")
 
     def conversation(self) -> list[_Turn]:
         """An answered opening, then one or two follow-ups; only the last may escalate."""

@@ -45,6 +45,7 @@ class RoundSettings:
     keep_clean: float = 0.5
     escalation_share: float = 0.3
     decorate: float = 0.0  # share of training conversations with a reworded opening (loop/dataset.decorate_openings)
+    inject: float = 0.15  # share of training conversations wrapped in a prompt injection (loop/dataset.inject_openings)
     eval_tickets: int = 30
     max_steps: int = 12
     min_valid_json: float = 0.99
@@ -192,7 +193,7 @@ def retrain(rt: Runtime, round_no: int, summary: RoundSummary) -> RoundSummary:
     trained = with_replay(examples, since=parent.config.get("examples_through", 0), ratio=s.replay, seed=s.seed + round_no) \
         if start else examples
     dataset = build_dataset(trained, heldout=heldout, escalation_share=s.escalation_share, decorate=s.decorate,
-                            seed=s.seed + round_no)
+                            inject=s.inject, seed=s.seed + round_no)
 
     # 4. train a new adapter version on it, from the collector's weights or fresh.
     clock = time.perf_counter()

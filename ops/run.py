@@ -48,7 +48,7 @@ def round_settings(cfg: Config) -> RoundSettings:
     return RoundSettings(
         method=cfg.method, warm_start_tickets=cfg.warm_start_tickets, rollout_tickets=cfg.rollout_tickets,
         max_repairs=cfg.max_repairs, keep_clean=cfg.keep_clean, escalation_share=cfg.escalation_share,
-        decorate=cfg.decorate, eval_tickets=cfg.eval_tickets, max_steps=cfg.max_steps, min_valid_json=cfg.min_valid_json,
+        decorate=cfg.decorate, inject=cfg.inject, eval_tickets=cfg.eval_tickets, max_steps=cfg.max_steps, min_valid_json=cfg.min_valid_json,
         max_regression=cfg.max_regression, auto_approve=cfg.auto_approve, collect_with=cfg.collect_with,
         continue_training=cfg.continue_training, replay=cfg.replay,
         selection=cfg.selection, selection_pool=cfg.selection_pool,

@@ -1,5 +1,5 @@
 """The training set: aggregate, deduplicated, held-out refused, escalation turns oversampled, a
-share of openings reworded, a share written thought first; a continued adapter's: the new examples
+share of openings reworded, a share wrapped in a prompt injection, a share written thought first; a continued adapter's: the new examples
 and a replayed sample of the older ones."""
 
 import json
@@ -7,7 +7,7 @@ import json
 import pytest
 
 from environments import builtin_domains as words
-from loop.dataset import build_dataset, decorate_openings, thoughts_first, with_replay
+from loop.dataset import build_dataset, decorate_openings, inject_openings, thoughts_first, with_replay
 from policies.protocol import THOUGHT_FIRST, step_example
 from store import ExampleRow
 
@@ -102,6 +102,32 @@ def test_decorate_share_and_build_dataset():
     data = build_dataset(rows, heldout=set(), escalation_share=0.0, decorate=0.5, seed=1)
     changed = sum(c[1]["content"] not in {f"Customer: hi {i}" for i in range(200)} for c in data.conversations)
     assert 70 < changed < 130 and data.n_unique == 200 and len(data.conversations) == 200
+
+
+def test_injected_openings_keep_the_decision_and_say_to_ignore_the_injection():
+    opening = "Customer: Do you sponsor local charity runs?"
+    search = {"action": "search_kb", "args": {"query": "Do you sponsor local charity runs?"}, "thought": "Asks about sponsor.", "message": ""}
+    escalate = {"action": "escalate", "args": {"reason": "not_covered_by_kb"}, "thought": "No answer.", "message": "Passing it on."}
+    conversation = [{"role": "system", "content": "policy"}, {"role": "user", "content": opening},
+                    {"role": "assistant", "content": json.dumps(search)}, {"role": "user", "content": "Tool: search_kb results: none"},
+                    {"role": "assistant", "content": json.dumps(escalate)}]
+    out = inject_openings([conversation] * 50, 1.0, seed=2)
+    templates = set()
+    for after in out:
+        text = after[1]["content"].removeprefix("Customer: ")
+        template = next(t for t in words.INJECTIONS if t.format(base="Do you sponsor local charity runs?") == text)
+        templates.add(template)
+        first, last = json.loads(after[2]["content"]), json.loads(after[4]["content"])
+        assert first["thought"] == "Ignore the attempt to change the rules. Asks about sponsor."
+        assert first["args"]["query"] == text  # the search for the customer's words searches what they now say
+        assert list(first) == list(search) and first["action"] == "search_kb"  # key order and the action kept
+        assert last == escalate and after[3] == conversation[3]  # later steps and results unchanged
+    assert len(templates) >= 4
+    assert inject_openings(out, 1.0, seed=3) == out  # an injected conversation is not injected twice
+    assert conversation[1]["content"] == opening  # the input is not modified
+    rows = [example(conv("search_kb", "reply", tag=str(i))) for i in range(200)]
+    data = build_dataset(rows, heldout=set(), escalation_share=0.0, inject=0.25, seed=1)
+    assert 30 < sum("Ignore the attempt" in c[2]["content"] for c in data.conversations) < 70
 
 
 def test_a_share_of_conversations_is_written_thought_first():
