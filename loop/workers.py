@@ -64,27 +64,26 @@ def _threads(threads: int, workers: int = 1) -> int:
 @ray.remote(num_cpus=0)  # rollouts and training take turns, so an idle actor must not hold a core
 class RolloutWorker:
     def __init__(self, model_dir: str, options: StudentOptions, threads: int):
-        import torch
-
         from policies.hf import HFStudent
 
-        torch.set_num_threads(threads)  # Ray sets OMP threads to 1 for a 0-CPU actor
+        self._threads(threads)
         self.student = HFStudent(Path(model_dir), load_in_4bit=options.load_in_4bit, batch_size=options.batch_size,
                                  max_new_tokens=options.max_new_tokens, temperature=options.temperature, seed=options.seed,
                                  thought_samples=options.thought_samples, json_mode=options.json_mode,
                                  comparisons_first=options.comparisons_first)
 
-    def act(self, prompts: list[list[Message]]) -> list[str]:
-        return self.student.act(prompts)
+    @staticmethod
+    def _threads(threads: int) -> None:
+        import torch
 
-    def generate_with_info(self, prompts: list[list[Message]]) -> list[Generation]:
-        return self.student.generate_with_info(prompts)
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)  # Ray sets OMP threads to 1 for a 0-CPU actor
 
-    def escalation_probabilities(self, prompts: list[list[Message]]) -> list[float | None]:
-        return self.student.escalation_probabilities(prompts)
-
-    def without_escalating(self, prompts: list[list[Message]]) -> list[Generation]:
-        return self.student.without_escalating(prompts)
+    def call(self, method: str, prompts: list[list[Message]], threads: int) -> list:
+        """`method` of the student (act, generate_with_info, escalation_probabilities,
+        without_escalating) with `threads` torch threads."""
+        self._threads(threads)
+        return getattr(self.student, method)(prompts)
 
     def load_adapter(self, path: str | None) -> list[float]:
         self.student.load_adapter(path)
@@ -93,11 +92,12 @@ class RolloutWorker:
 
 class RayStudentPool:
     """A `Student` made of `n` rollout actors: each `act` call is split across them. `threads` per
-    actor; 0 shares the machine's cores among them (two actors of one thread each generate 1.1-1.3x
-    as fast as one of two threads on 2 cores: the Python between the matrix products overlaps)."""
+    actor; 0 shares the machine's cores among the actors a call uses (two actors of one thread each
+    generate 1.1-1.3x as fast as one of two threads on 2 cores: the Python between the matrix
+    products overlaps; a call with one prompt gets one actor with every core)."""
 
     def __init__(self, model_dir: Path, options: StudentOptions, *, n: int = 1, threads: int = 0):
-        self._args, self._n = (str(model_dir), options, _threads(threads, n)), n
+        self._args, self._n, self._fixed = (str(model_dir), options, _threads(threads, n)), n, threads
         self._workers: list = []
         self._start_workers()
 
@@ -137,7 +137,9 @@ class RayStudentPool:
         if not prompts:
             return []
         size = -(-len(prompts) // len(self._workers))
-        futures = [getattr(w, method).remote(prompts[i : i + size]) for w, i in zip(self._workers, range(0, len(prompts), size))]
+        chunks = [prompts[i : i + size] for i in range(0, len(prompts), size)]
+        threads = _threads(self._fixed, len(chunks))
+        futures = [w.call.remote(method, chunk, threads) for w, chunk in zip(self._workers, chunks)]
         return [answer for chunk in self._get(futures) for answer in chunk]
 
     def load_adapter(self, path: str | Path | None) -> None:

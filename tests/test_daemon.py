@@ -209,14 +209,17 @@ def test_rollout_actors_share_the_machines_cores():
 
 @pytest.mark.slow
 def test_two_rollout_actors_answer_in_order_like_one(tiny_model_dir):
-    """A pool splits each call across its actors and puts the answers back in the prompts' order."""
+    """A pool splits each call across its actors and puts the answers back in the prompts' order, the
+    machine's cores shared among the actors a call uses."""
     from loop.workers import RayStudentPool, StudentOptions, start_ray
 
     import ray
+    import torch
     from policies.protocol import render_messages
     from environments.episode import Entry
     from environments.pack import load_pack
 
+    cores = os.cpu_count() or 1
     company = load_pack(ROOT / "tests" / "data" / "acme").company
     prompts = [render_messages(company, [Entry("customer", text)]) for text in ("hi", "refund please", "where is my order", "bye", "help")]
     start_ray()
@@ -224,6 +227,10 @@ def test_two_rollout_actors_answer_in_order_like_one(tiny_model_dir):
         one = RayStudentPool(tiny_model_dir, StudentOptions(max_new_tokens=6), n=1, threads=1)
         two = RayStudentPool(tiny_model_dir, StudentOptions(max_new_tokens=6), n=2)
         assert len(two._workers) == 2 and two.act(prompts) == one.act(prompts)
+        threads = lambda: ray.get([w.__ray_call__.remote(lambda _: torch.get_num_threads()) for w in two._workers])
+        assert threads() == [max(1, cores // 2)] * 2  # a call over both actors shares the cores
+        assert two.act(prompts[:1]) == one.act(prompts[:1])
+        assert threads()[0] == cores  # a call with one prompt gets every core on the actor it uses
     finally:
         ray.shutdown()
 
