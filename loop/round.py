@@ -45,7 +45,7 @@ class RoundSettings:
     keep_clean: float = 0.5
     escalation_share: float = 0.3
     decorate: float = 0.0  # share of training conversations with a reworded opening (loop/dataset.decorate_openings)
-    inject: float = 0.15  # share of training conversations wrapped in a prompt injection (loop/dataset.inject_openings)
+    inject: float = 0.0  # share of training conversations wrapped in a prompt injection (loop/dataset.inject_openings)
     eval_tickets: int = 30
     max_steps: int = 12
     min_valid_json: float = 0.99

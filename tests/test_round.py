@@ -183,8 +183,7 @@ def test_a_thought_first_round_trains_on_thoughts_first_and_stores_apprentice_s_
     store = Store.open(tmp_path / "a.db")
     rt = Runtime(store=store, packs=build_packs(0), student=HFStudent(tiny_model_dir, max_new_tokens=16, batch_size=4, thought_samples=2),
                  teacher=OracleTeacher(), train=train, model_dir=tiny_model_dir, base_model="tiny", adapters_dir=tmp_path / "adapters",
-                 settings=RoundSettings(eval_tickets=1, max_steps=4, calibration_tickets=1, validation_companies=0, thought_first=True,
-                                           inject=0.0),  # every stored step trained as it is, only reordered
+                 settings=RoundSettings(eval_tickets=1, max_steps=4, calibration_tickets=1, validation_companies=0, thought_first=True),
                  lora=LoraSettings(r=4, alpha=8, epochs=1, batch_size=4), progress=False)
     register_packs(store, rt.packs)
     ensure_base_evaluated(rt)
