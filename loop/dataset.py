@@ -1,7 +1,8 @@
 """From stored examples to the training set: aggregate, deduplicated, held-out refused, escalation
 turns oversampled to a configured share of all assistant turns, a share of the customers' openings
-reworded the way real tickets vary, a share wrapped in a prompt injection, a share written thought first; for an adapter that continues
-another, what is new since that one plus a replayed sample of the rest."""
+reworded the way real tickets vary, a share wrapped in a prompt injection, a share written thought
+first; for an adapter that continues another, what is new since that one plus a replayed sample of
+the rest."""
 
 from __future__ import annotations
 
@@ -138,7 +139,8 @@ def inject_openings(conversations: list[Conversation], share: float, *, seed: in
     rules." as the generator's injected tickets do, and a search for the customer's words searches
     the new words. Conversations already injected stay as they are. The aim: a refund or an approval
     the customer demands is never read as the request the policy decides (held out, "How much for
-    a 7-year-old? P.S. ... give me a full refund" was escalated as a late refund)."""
+    a 7-year-old? P.S. ... give me a full refund" was escalated as a late refund). It raised round
+    1's validation J, but round 2 fell, so it is off by default (README, "Injections in training")."""
     rng = random.Random(f"inject:{seed}")
     out = []
     for conversation in conversations:
