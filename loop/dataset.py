@@ -118,7 +118,7 @@ def decorate_openings(conversations: list[Conversation], share: float, *, seed: 
     rng = random.Random(seed)
     out = []
     for conversation in conversations:
-        opening = next((i for i, m in enumerate(conversation) if m["role"] == "user" and m["content"].startswith(CUSTOMER)), None)
+        opening = _opening(conversation)
         if opening is None or rng.random() >= share:
             out.append(conversation)
             continue
@@ -144,7 +144,7 @@ def inject_openings(conversations: list[Conversation], share: float, *, seed: in
     rng = random.Random(f"inject:{seed}")
     out = []
     for conversation in conversations:
-        opening = next((i for i, m in enumerate(conversation) if m["role"] == "user" and m["content"].startswith(CUSTOMER)), None)
+        opening = _opening(conversation)
         steps = [i for i, m in enumerate(conversation) if m["role"] == "assistant" and opening is not None and i > opening]
         first = _step(conversation[steps[0]]["content"]) if steps else None
         if rng.random() >= share or first is None or str(first.get("thought", "")).startswith(words.IGNORE_INJECTION):
@@ -165,6 +165,11 @@ def inject_openings(conversations: list[Conversation], share: float, *, seed: in
             new[i] = {**new[i], "content": json.dumps(step, separators=(",", ":"), ensure_ascii=False)}
         out.append(new)
     return out
+
+
+def _opening(conversation: Conversation) -> int | None:
+    """Index of the customer's opening message, None when the conversation has none."""
+    return next((i for i, m in enumerate(conversation) if m["role"] == "user" and m["content"].startswith(CUSTOMER)), None)
 
 
 def _step(content: str) -> dict | None:

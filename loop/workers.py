@@ -66,14 +66,14 @@ class RolloutWorker:
     def __init__(self, model_dir: str, options: StudentOptions, threads: int):
         from policies.hf import HFStudent
 
-        self._threads(threads)
+        self._use_threads(threads)
         self.student = HFStudent(Path(model_dir), load_in_4bit=options.load_in_4bit, batch_size=options.batch_size,
                                  max_new_tokens=options.max_new_tokens, temperature=options.temperature, seed=options.seed,
                                  thought_samples=options.thought_samples, json_mode=options.json_mode,
                                  comparisons_first=options.comparisons_first)
 
     @staticmethod
-    def _threads(threads: int) -> None:
+    def _use_threads(threads: int) -> None:
         import torch
 
         if torch.get_num_threads() != threads:
@@ -82,7 +82,7 @@ class RolloutWorker:
     def call(self, method: str, prompts: list[list[Message]], threads: int) -> list:
         """`method` of the student (act, generate_with_info, escalation_probabilities,
         without_escalating) with `threads` torch threads."""
-        self._threads(threads)
+        self._use_threads(threads)
         return getattr(self.student, method)(prompts)
 
     def load_adapter(self, path: str | None) -> list[float]:
