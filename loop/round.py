@@ -54,6 +54,7 @@ class RoundSettings:
     collect_with: str = "promoted"  # "promoted" | "newest"
     continue_training: bool = True  # a new adapter starts from the collecting adapter's weights (same LoRA shape and base)
     replay: float = float("inf")  # ... on what is new since that one plus this many times as many older examples (inf: all)
+    continued_learning_rate: float = 0.0  # ... at this peak learning rate (0: the LoRA settings' own)
     selection: str = "uniform"  # "uniform" | "uncertainty" | "mixed": loop/selection.py
     selection_pool: int = 3  # candidates scored per ticket picked
     calibration_tickets: int = 10  # validation tickets per training company that τ is fitted on (per policy draw)
@@ -200,6 +201,8 @@ def retrain(rt: Runtime, round_no: int, summary: RoundSummary) -> RoundSummary:
     version = store.next_adapter_version()
     path = rt.adapters_dir / version
     lora = replace(rt.lora, start_from=start)
+    if start and s.continued_learning_rate:
+        lora = replace(lora, learning_rate=s.continued_learning_rate)
     store.add_adapter(AdapterRow(version=version, parent=collector, path=str(path), base_model=rt.base_model, status="training",
                                  data_hash=dataset.data_hash, config={**asdict(lora), "round": round_no, "method": s.method,
                                  "examples": dataset.n_unique, "sources": dataset.sources, "examples_through": max((e.id or 0 for e in examples), default=0),

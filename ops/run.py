@@ -50,7 +50,7 @@ def round_settings(cfg: Config) -> RoundSettings:
         max_repairs=cfg.max_repairs, keep_clean=cfg.keep_clean, escalation_share=cfg.escalation_share,
         decorate=cfg.decorate, inject=cfg.inject, eval_tickets=cfg.eval_tickets, max_steps=cfg.max_steps, min_valid_json=cfg.min_valid_json,
         max_regression=cfg.max_regression, auto_approve=cfg.auto_approve, collect_with=cfg.collect_with,
-        continue_training=cfg.continue_training, replay=cfg.replay,
+        continue_training=cfg.continue_training, replay=cfg.replay, continued_learning_rate=cfg.continued_learning_rate,
         selection=cfg.selection, selection_pool=cfg.selection_pool,
         calibration_tickets=max(1, cfg.calibration_tickets // (1 + redraws(cfg))), max_over_escalation=cfg.max_over_escalation,
         calibration_states=cfg.calibration_states,

@@ -121,8 +121,9 @@ def test_tau_is_fitted_on_training_companies_left_out_of_training(tiny_model_dir
 
 def test_a_later_round_starts_from_the_adapter_that_collected(tiny_model_dir, tmp_path):
     """With `continue_training`, the next adapter starts from the collecting adapter's weights when its
-    LoRA shape matches, on the examples new since that one and `replay` times as many older ones;
-    another shape, or the setting off, trains a fresh one on every example."""
+    LoRA shape matches, on the examples new since that one and `replay` times as many older ones, at
+    `continued_learning_rate`; another shape, or the setting off, trains a fresh one on every example
+    at the LoRA settings' own rate."""
     from dataclasses import replace
 
     from environments.builtin import build_packs
@@ -135,15 +136,15 @@ def test_a_later_round_starts_from_the_adapter_that_collected(tiny_model_dir, tm
     started = []
 
     def train(model_dir, conversations, out_dir, settings):
-        started.append(settings.start_from)
+        started.append((settings.start_from, settings.learning_rate))
         return train_adapter(model_dir, conversations, out_dir, settings, progress=False)
 
     store = Store.open(tmp_path / "a.db")
     rt = Runtime(store=store, packs=build_packs(0), student=HFStudent(tiny_model_dir, max_new_tokens=16, batch_size=4),
                  teacher=OracleTeacher(), train=train, model_dir=tiny_model_dir, base_model="tiny", adapters_dir=tmp_path / "adapters",
                  settings=RoundSettings(eval_tickets=1, max_steps=6, calibration_tickets=1, validation_companies=0, collect_with="newest",
-                                        replay=1.0),
-                 lora=LoraSettings(r=4, alpha=8, epochs=1, batch_size=4), progress=False)
+                                        replay=1.0, continued_learning_rate=5e-4),
+                 lora=LoraSettings(r=4, alpha=8, epochs=1, batch_size=4, learning_rate=2e-3), progress=False)
     register_packs(store, rt.packs)
     ensure_base_evaluated(rt)
     collect_demonstrations(rt, [(p, p.tickets[0]) for p in rt.train_packs[:2]], 1)
@@ -155,7 +156,7 @@ def test_a_later_round_starts_from_the_adapter_that_collected(tiny_model_dir, tm
     rt.settings = replace(rt.settings, continue_training=False)
     retrain(rt, 4, RoundSummary(4, "test"))
     v1 = store.adapter("v0001").path
-    assert started == ["", v1, "", ""]
+    assert started == [("", 2e-3), (v1, 5e-4), ("", 2e-3), ("", 2e-3)]
     assert store.adapter("v0002").config["start_from"] == v1 and store.adapter("v0002").parent == "v0001"
     assert [e.payload["start_from"] for e in store.events(kind="training_started")] == [None, "v0001", None, None]
     assert [store.adapter(v).config["examples"] for v in ("v0001", "v0002", "v0003", "v0004")] == [2, 2, 3, 3]
