@@ -38,6 +38,7 @@ def test_apprentice_toml_documents_every_key():
     ({"keep_clean": "1.5"}, "keep_clean must lie in"),
     ({"auto_approve": "maybe"}, "auto_approve must be true or false"),
     ({"policy_redraws": "-1"}, "policy_redraws must lie in"),
+    ({"continued_learning_rate": "-1e-3"}, "continued_learning_rate must be >= 0"),
 ])
 def test_bad_config_is_a_clear_error(overrides, message):
     with pytest.raises(ValueError, match=message):
