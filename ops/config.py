@@ -75,7 +75,7 @@ class Config:
     train_recompute_prefix: bool = _f(False, "Compute the shared prefix's forward twice per step, so its activations and a chunk's are never held at once: less memory, a slower step.")
     train_recompute_layers: bool = _f(True, "Recompute each decoder layer of a step (the shared prefix's and the rows') in backward, keeping only its input: on the top 15 layers 2.6 GB at batch 8 instead of about 4, about 15% slower; on every layer 3.4 GB instead of 5.2, about 30% slower (bench/train.py).")
     decision_weight: float = _f(1.0, "Loss weight of the tokens that carry the decision (the action name and the reason code); 1 = plain mean (5 did no better on validation: bench/learning.py).")
-    lora_layers: int = _f(15, "LoRA on the top N decoder layers only (backward stops below them); 0 = every layer. 15 of SmolLM2's 30 with the layers recomputed trains 1.14x as fast as every layer (rows at once) at 2.5 GB instead of 5.3, and held the main command's held-out J (README, The main command on the current code).")
+    lora_layers: int = _f(15, "LoRA on the top N decoder layers only (backward stops below them); 0 = every layer. 15 of SmolLM2's 30 with the layers recomputed trains 1.14x as fast as every layer (rows at once) at 2.5 GB instead of 5.3, and held the main command's held-out J (README, Why LoRA on the top 15 layers is the default).")
     max_length: int = _f(1024, "Longest training conversation in tokens (longer ones are truncated).")
     train_precision: Literal["auto", "bf16", "fp32"] = _f("auto", "Training arithmetic: bf16 autocast (weights stay float32) or fp32; auto = bf16 on CUDA and on CPUs with native bf16 units (AMX, AVX-512 BF16).")
     # the gate
