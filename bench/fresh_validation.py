@@ -46,13 +46,13 @@ def main() -> None:
                  adapters_dir=None, settings=round_settings(cfg), lora=lora_settings(cfg), progress=False)
     if not rt.left_out:
         raise SystemExit("this run left no company out of training: its validation tickets are every company's split")
-    fitted = {t.opening for p in rt.validation_packs for t in validation_tickets(p, rt.calibration_per_pack)}
-    fitted_ids = {(_first_draw(p.id), t.id) for p in rt.validation_packs for t in validation_tickets(p, rt.calibration_per_pack)}
-    for pack in rt.validation_packs:
-        if pack.company.name not in rt.left_out or _first_draw(pack.id) != pack.id:
-            continue  # another draw of a left-out company's numbers
+    fitted = [(p, t) for p in rt.validation_packs for t in validation_tickets(p, rt.calibration_per_pack)]
+    fitted_texts, fitted_ids = {t.opening for _, t in fitted}, {(_first_draw(p.id), t.id) for p, t in fitted}
+    for pack in rt.validation_packs:  # the left-out companies, every draw of their numbers
+        if _first_draw(pack.id) != pack.id:
+            continue
         tickets = tuple(eval_tickets(pack, None)[args.skip:args.skip + args.tickets])
-        if fitted & {t.opening for t in tickets}:
+        if fitted_texts & {t.opening for t in tickets}:
             raise SystemExit(f"{pack.id}: some of these tickets were fitted on: raise --skip")
         shared = sum((pack.id, t.id) in fitted_ids for t in tickets)
         path = save_pack(replace(pack, tickets=tickets), args.out / pack.id)
